@@ -1,0 +1,75 @@
+"""The Flower ClientApp: decode the payload, train or evaluate with fedlora, send back adapter tensors only.
+
+Per-client state that must outlive a round (the method's frozen factors, which the server sends once)
+lives in ``context.state``: in deployment every message runs in a fresh process, so globals would be lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: flower.md trap 7)
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import naming
+from fedlora.aggregation import Aggregator
+from fedlora.client import evaluate_client, fit
+from fedlora.config import FedLoraConfig
+from fedlora.task import make_aggregator
+from fedlora.wire import from_record, to_record
+
+FROZEN_KEY = "fedlora.frozen"
+
+
+def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Context) -> dict[str, torch.Tensor]:
+    """Cache frozen factors the first time they arrive; fill them in from the cache afterwards."""
+    if not agg.frozen:
+        return payload
+    frozen = {k: v for k, v in payload.items() if (s := naming.split(k)) and s[1] in agg.frozen}
+    if frozen:
+        context.state[FROZEN_KEY] = to_record(frozen)
+        return payload
+    if FROZEN_KEY not in context.state:
+        raise RuntimeError(f"method {agg.name!r}: the server did not send the frozen factors {agg.frozen} and "
+                           "this node has none cached (was its state lost?)")
+    return {**from_record(context.state[FROZEN_KEY]), **payload}
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as e:
+        raise ValueError(f"node config lacks {e}; start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<n>'") from None
+
+
+def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
+    app = ClientApp()
+
+    def setup(context: Context) -> tuple[FedLoraConfig, Aggregator]:
+        cfg = FedLoraConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
+        return cfg, make_aggregator(cfg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, agg = setup(context)
+        pid, n = _partition(context)
+        payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
+        res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg)
+        metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
+        return Message(RecordDict({"arrays": to_record(res.tensors), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, agg = setup(context)
+        pid, n = _partition(context)
+        payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
+        res = evaluate_client(cfg, payload, pid, n, agg)
+        metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

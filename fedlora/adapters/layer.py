@@ -1,0 +1,94 @@
+"""The low-rank adapter layer: y = W0 x + s * B (R) A dropout(x).
+
+Why our own module rather than peft's ``lora.Linear``: LoRA-SB needs a trainable r x r matrix R between frozen
+B and A, which peft 0.21 does not offer (its TinyLoRA/KaSA variants are different parameterisations), and one
+module for all three modes gives the same tensor names, the same opacus behaviour (A, R, B are plain
+``nn.Linear`` so opacus uses its fast Linear grad sampler) and the same merge code everywhere. peft stays the
+interchange format: :mod:`fedlora.adapters.peft_io` writes adapters that ``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MODES = ("lora", "ffa", "sb")
+
+
+class LowRankLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (d_out x d_in) with a rank-r update.
+
+    mode "lora": A (r, d_in) and B (d_out, r) trained.  "ffa": B trained, A frozen.
+    "sb": B R A with only R (r, r) trained.  Scaling s = alpha / r, as in peft.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, mode: str = "lora", dropout: float = 0.0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"adapter mode={mode!r} is not valid; use one of {MODES}")
+        if rank < 1:
+            raise ValueError(f"adapter.rank={rank} must be >= 1")
+        self.base = base
+        self.mode = mode
+        self.rank = rank
+        self.scaling = alpha / rank
+        d_out, d_in = base.weight.shape
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(d_in, rank, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(rank, d_out, bias=False, device=dev, dtype=dt)
+        self.lora_R = nn.Linear(rank, rank, bias=False, device=dev, dtype=dt) if mode == "sb" else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter()
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.set_trainable()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that inspects ``layer.weight`` (e.g. HF init hooks) keeps working."""
+        return self.base.weight
+
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """peft's default init: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, R = 0."""
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.lora_A.in_features)
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            a.uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+            if self.lora_R is not None:
+                self.lora_R.weight.zero_()
+
+    def set_trainable(self) -> None:
+        trainable = {"lora": ("lora_A", "lora_B"), "ffa": ("lora_B",), "sb": ("lora_R",)}[self.mode]
+        for name in ("lora_A", "lora_B", "lora_R"):
+            mod = getattr(self, name)
+            if mod is not None:
+                mod.weight.requires_grad_(name in trainable)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B (R) A, the dense update (d_out, d_in); only for merging, never for the wire."""
+        b = self.lora_B.weight
+        if self.lora_R is not None:
+            b = b @ self.lora_R.weight
+        return self.scaling * (b @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lora_A(self.dropout(x))
+        if self.lora_R is not None:
+            h = self.lora_R(h)
+        return self.base(x) + self.lora_B(h) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, rank={self.rank}, scaling={self.scaling:g}"

@@ -1,0 +1,11 @@
+"""Server-side aggregation: one module per federated LoRA method, all registered by name.
+
+Importing this package imports every method module so that :func:`get_aggregator` knows them all.
+"""
+
+from __future__ import annotations
+
+from fedlora.aggregation import fed_sb, fedit, fedsvd, ffa, flora, lora_fair  # noqa: F401  (register)
+from fedlora.aggregation.base import Aggregator, AggregatorConfig, ClientUpdate, available, get_aggregator
+
+__all__ = ["Aggregator", "AggregatorConfig", "ClientUpdate", "available", "get_aggregator"]

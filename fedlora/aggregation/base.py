@@ -1,0 +1,185 @@
+"""The aggregation protocol and the registry of methods.
+
+An aggregator is a pure function of (global state, client updates, config): no I/O, no Flower. That keeps
+every method testable on random tensors in milliseconds and lets the ServerApp stay a thin adapter.
+
+Global state: an ordered dict of float tensors named as in :mod:`fedlora.naming`. It holds what the server
+must remember between rounds (e.g. A and B for FedIT, R and the frozen A, B for Fed-SB, FLoRA's merged
+factors). What a client receives is derived from it by :meth:`Aggregator.client_payload`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedlora import naming
+
+@dataclass
+class ClientUpdate:
+    """What one client sent back: the tensors it trained, how many examples, and its adapter rank."""
+
+    client_id: int
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    rank: int
+
+
+@dataclass
+class AggregatorConfig:
+    """Server-side knobs shared by all methods (method-specific ones are prefixed)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+    weighting: str = "num_examples"  # or "uniform": p_k = 1/K (Fed-SB's official code)
+    # LoRA-FAIR: minimise 1 - cos(vec(dW_ideal), vec((B + dB) A)) + lam * ||dB||_F by Adam on the server.
+    fair_lambda: float = 0.01
+    fair_steps: int = 200
+    fair_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("num_examples", "uniform"):
+            raise ValueError(
+                f"aggregation.weighting={self.weighting!r} is not valid; use 'num_examples' or 'uniform'"
+            )
+        if self.rank < 1:
+            raise ValueError(f"adapter.rank={self.rank} must be >= 1")
+
+    def scaling(self, rank: int) -> float:
+        """LoRA scaling s = alpha / r (the same rule the client's adapter layer uses)."""
+        return self.alpha / rank
+
+
+class Aggregator(ABC):
+    """One federated LoRA method.
+
+    Class attributes tell the client and the strategy how the method behaves:
+      mode:       adapter parameterisation clients train ("lora": B A; "ffa": B with A frozen; "sb": R only).
+      uploads:    roles a client sends up (subset of "A", "B", "R"); extras (the head) always go up.
+      frozen:     roles constant for the whole run: sent to a client once, then cached in its context state.
+      fresh_each_round: clients start every round from a freshly initialised adapter of their own rank.
+      heterogeneous_ranks: clients may use different ranks.
+    """
+
+    name: ClassVar[str]
+    mode: ClassVar[str]
+    uploads: ClassVar[tuple[str, ...]]
+    frozen: ClassVar[tuple[str, ...]] = ()
+    fresh_each_round: ClassVar[bool] = False
+    heterogeneous_ranks: ClassVar[bool] = False
+
+    def __init__(self, config: AggregatorConfig | None = None) -> None:
+        self.config = config or AggregatorConfig()
+
+    # -- state ------------------------------------------------------------------------------------------
+    def init_state(self, init: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """Initial global state from a freshly injected model's adapter tensors (A random, B zero) + extras.
+
+        The default keeps them all (as float32); methods that re-initialise (Fed-SB) or keep no adapter
+        on the server (FLoRA) override this.
+        """
+        return OrderedDict((n, t.detach().to(torch.float32).clone()) for n, t in init.items())
+
+    def client_payload(self, state: dict[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
+        """Tensors a client of adapter rank ``rank`` must receive next round (default: the whole state)."""
+        self.check_rank(rank)
+        return OrderedDict(state)
+
+    @abstractmethod
+    def aggregate(
+        self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> OrderedDict[str, torch.Tensor]:
+        """New global state from the previous one and this round's client updates."""
+
+    # -- shared helpers ---------------------------------------------------------------------------------
+    def check_rank(self, rank: int) -> None:
+        if not self.heterogeneous_ranks and rank != self.config.rank:
+            raise ValueError(
+                f"method {self.name!r} needs every client at adapter.rank={self.config.rank}, got rank {rank}; "
+                "use method 'flora' for heterogeneous ranks"
+            )
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        """p_k = n_k / sum n (or 1/K when weighting='uniform')."""
+        if not updates:
+            raise ValueError("aggregate() needs at least one client update")
+        if self.config.weighting == "uniform":
+            return [1.0 / len(updates)] * len(updates)
+        total = sum(u.num_examples for u in updates)
+        if total <= 0:
+            raise ValueError("client updates report num_examples=0 in total; cannot weight them")
+        return [u.num_examples / total for u in updates]
+
+    def expected_upload(self, state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a client of rank ``rank`` must upload (used to validate updates)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, t in state.items():
+            s = naming.split(name)
+            if s is None:
+                shapes[name] = tuple(t.shape)
+        for layer, (d_out, d_in) in self.layer_dims(state).items():
+            dims = {"A": (rank, d_in), "B": (d_out, rank), "R": (rank, rank)}
+            for role in self.uploads:
+                shapes[naming.key(layer, role)] = dims[role]
+        return shapes
+
+    @staticmethod
+    def layer_dims(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+        """(d_out, d_in) of every adapted layer, read off A/B or FLoRA's merged factors."""
+        dims: dict[str, list[int]] = {}
+        for name, t in state.items():
+            s = naming.split(name)
+            if s is None:
+                continue
+            layer, role = s
+            d = dims.setdefault(layer, [0, 0])
+            if role in ("A", "MA"):
+                d[1] = t.shape[1]
+            elif role in ("B", "MB"):
+                d[0] = t.shape[0]
+        return {k: (v[0], v[1]) for k, v in sorted(dims.items())}
+
+    @staticmethod
+    def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        out = torch.zeros_like(tensors[0], dtype=torch.float32)
+        for t, w in zip(tensors, weights, strict=True):
+            out += w * t.to(torch.float32)
+        return out
+
+    def average_extras(
+        self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> OrderedDict[str, torch.Tensor]:
+        """Weighted mean of every extra (head) tensor; adapter tensors are left to the method."""
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name in state:
+            if naming.is_extra(name):
+                out[name] = self.weighted_mean([u.tensors[name] for u in updates], weights)
+        return out
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: type[Aggregator]) -> type[Aggregator]:
+    """Class decorator: make a method available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"aggregator {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_aggregator(name: str, config: AggregatorConfig | None = None) -> Aggregator:
+    if name not in _REGISTRY:
+        raise ValueError(f"method={name!r} is not a known aggregator; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](config)
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+

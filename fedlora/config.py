@@ -1,0 +1,209 @@
+"""Run configuration: one dataclass per concern, built from Flower's flattened run config.
+
+Flower hands the ServerApp/ClientApp ``context.run_config`` as a flat dict: TOML tables under
+``[tool.flwr.app.config]`` arrive as dotted keys (``adapter.rank``), values are int/float/bool/str only.
+:func:`FedLoraConfig.from_run_config` maps ``section.key-name`` onto ``Section.key_name``, checks types and
+ranges, and rejects unknown keys with the list of known ones, so a typo fails at start-up, not at round 7.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, mistyped or out of range; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="tiny", metadata={"help": "'tiny' (random, offline), 'minilm' (pip extra), "
+                                                       "a local folder, or a hub name"})
+    max_length: int = field(default=64, metadata={"help": "tokens per example (truncation)"})
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (global rank for homogeneous methods)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling s = alpha / r"})
+    ranks: str = field(default="", metadata={"help": "per-client ranks '4,8,16': client i gets ranks[i % n] "
+                                                     "(flora only)"})
+    target_modules: str = field(default="query,value", metadata={"help": "comma-separated module names/regex"})
+    dropout: float = 0.0
+    head: str = field(default="classifier", metadata={"help": "trainable, aggregated task-head modules ('' = none)"})
+
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def heads(self) -> list[str]:
+        return [t.strip() for t in self.head.split(",") if t.strip()]
+
+    def rank_for(self, partition_id: int) -> int:
+        """Adapter rank of the client holding ``partition_id``."""
+        if not self.ranks:
+            return self.rank
+        ranks = [int(r) for r in self.ranks.split(",")]
+        return ranks[partition_id % len(ranks)]
+
+
+@dataclass
+class MethodConfig:
+    name: str = field(default="fedit", metadata={"help": "fedit | ffa | flora | lora_fair | fed_sb | fedsvd"})
+    weighting: str = field(default="num_examples", metadata={"help": "num_examples | uniform"})
+    fair_lambda: float = 0.01
+    fair_steps: int = 200
+    fair_lr: float = 1e-2
+    sb_init: str = field(default="orthogonal", metadata={"help": "Fed-SB factors: orthogonal (seeded) | "
+                                                                 "gradient (LoRA-SB, server data)"})
+    sb_init_examples: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default="austen", metadata={"help": "'austen' (built in) or a local folder"})
+    partition: str = field(default="dirichlet", metadata={"help": "iid | dirichlet"})
+    dirichlet_alpha: float = 1.0
+    min_partition_size: int = 10
+    max_eval_examples: int = field(default=512, metadata={"help": "server-side test examples (0 = all)"})
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    seed: int = 42
+    output_dir: str = "runs/latest"
+    timeout: float = 3600.0
+    resume: bool = False
+
+
+SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
+            "train": TrainConfig}
+
+
+@dataclass
+class FedLoraConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FedLoraConfig:
+        """Build from Flower's flat run config (missing keys keep their defaults)."""
+        cfg = cls()
+        for raw_key, value in run_config.items():
+            section, _, name = raw_key.rpartition(".")
+            target = cfg.run if section == "" else getattr(cfg, section, None)
+            if section and section not in SECTIONS:
+                raise ConfigError(f"unknown run-config section in key {raw_key!r}; sections are {sorted(SECTIONS)} "
+                                  f"and top-level keys {_keys(RunConfig)}")
+            attr = name.replace("-", "_")
+            known = {f.name: f for f in dataclasses.fields(target)}
+            if attr not in known:
+                where = f"[{section}]" if section else "top-level"
+                raise ConfigError(f"unknown run-config key {raw_key!r}; known {where} keys: {_keys(type(target))}")
+            setattr(target, attr, _coerce(raw_key, value, known[attr].type, getattr(target, attr)))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.run.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
+            (0.0 < self.run.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]"),
+            (0.0 <= self.run.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]"),
+            (self.run.min_nodes >= 1, "min-nodes", "must be >= 1"),
+            (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
+            (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
+            (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),
+            (bool(self.adapter.targets()), "adapter.target-modules", "must name at least one module, e.g. 'query,value'"),
+            (self.train.local_steps >= 1, "train.local-steps", "must be >= 1"),
+            (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
+            (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.model.max_length >= 8, "model.max-length", "must be >= 8"),
+            (self.data.partition in ("iid", "dirichlet"), "data.partition", "must be 'iid' or 'dirichlet'"),
+            (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
+            (self.method.weighting in ("num_examples", "uniform"), "method.weighting", "must be 'num_examples' or 'uniform'"),
+            (self.method.sb_init in ("orthogonal", "gradient"), "method.sb-init", "must be 'orthogonal' or 'gradient'"),
+        ]
+        for ok, key, fix in checks:
+            if not ok:
+                raise ConfigError(f"run-config {key}={self._get(key)!r} {fix}")
+        if self.adapter.ranks:
+            try:
+                ranks = [int(r) for r in self.adapter.ranks.split(",")]
+            except ValueError as e:
+                raise ConfigError(f"adapter.ranks={self.adapter.ranks!r} must be comma-separated ints, e.g. '4,8,16'") from e
+            if min(ranks) < 1:
+                raise ConfigError(f"adapter.ranks={self.adapter.ranks!r}: every rank must be >= 1")
+
+    def _get(self, key: str) -> Any:
+        section, _, name = key.rpartition(".")
+        return getattr(self.run if not section else getattr(self, section), name.replace("-", "_"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat Flower form (inverse of :meth:`from_run_config`)."""
+        flat: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for k, v in values.items():
+                key = k.replace("_", "-")
+                flat[key if section == "run" else f"{section}.{key}"] = v
+        return flat
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+
+def _coerce(key: str, value: Any, typ: Any, default: Any) -> Any:
+    """Accept what TOML/CLI give (ints for floats, 'true' for bools); reject the rest with a clear error."""
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif want is str:
+        return str(value)
+    raise ConfigError(f"run-config {key}={value!r} must be of type {want.__name__} (default {default!r})")

@@ -1,0 +1,94 @@
+"""Split one data set's example indices among clients: IID, or non-IID over labels by Dirichlet sampling.
+
+flwr-datasets' partitioners do the sampling, so our splits are the ones Flower users know; they run offline
+on an in-memory ``datasets.Dataset`` of (label, index) rows, and we hand back plain index lists for
+``TextDataset.subset``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import datasets
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+SCHEMES = ("iid", "dirichlet")
+
+
+def partition(
+    labels: Sequence[int],
+    num_partitions: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_partition_size: int = 10,
+) -> list[list[int]]:
+    """Sorted indices of each partition: disjoint, together all of ``range(len(labels))``, fixed by ``seed``.
+
+    ``scheme="iid"`` shuffles and cuts into equal shares. ``scheme="dirichlet"`` gives each partition a share
+    of every label drawn from Dirichlet(``alpha``): small alpha (0.1) puts most of a label on few partitions,
+    large alpha (100) approaches IID. Dirichlet draws are repeated until every partition holds at least
+    ``min_partition_size`` examples (IID shares are equal, so it does not apply there).
+    """
+    labels = [int(y) for y in labels]
+    _check(len(labels), num_partitions, scheme, alpha, min_partition_size)
+    rows = datasets.Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
+    partitioner: Partitioner
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+        partitioner.dataset = rows.shuffle(seed=seed)  # it cuts contiguous shards: shuffle first
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(alpha),
+            min_partition_size=min_partition_size,
+            shuffle=False,
+            seed=seed,
+        )
+        partitioner.dataset = rows
+        with warnings.catch_warnings():  # one warning per failed draw; the outcome is reported below
+            warnings.simplefilter("ignore")
+            try:
+                partitioner.load_partition(0)  # draws all partitions
+            except ValueError as e:
+                raise ValueError(
+                    f"data.dirichlet-alpha = {alpha}: Dirichlet sampling failed to give each of the "
+                    f"{num_partitions} partitions at least {min_partition_size} of the {len(labels)} "
+                    f"examples (11 draws). Raise data.dirichlet-alpha (e.g. 0.5 or 1.0), or lower data.num-partitions "
+                    f"or min_partition_size."
+                ) from e
+    return [sorted(partitioner.load_partition(i)["index"]) for i in range(num_partitions)]
+
+
+def label_histogram(
+    labels: Sequence[int], partitions: Sequence[Sequence[int]], num_labels: int
+) -> list[list[int]]:
+    """``counts[p][y]`` = examples of label ``y`` in partition ``p``: the skew to log when a run starts."""
+    counts = [[0] * num_labels for _ in partitions]
+    for row, indices in zip(counts, partitions, strict=True):
+        for i in indices:
+            row[labels[i]] += 1
+    return counts
+
+
+def _check(n: int, num_partitions: int, scheme: str, alpha: float, min_partition_size: int) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"data.partition = {scheme!r} is not a scheme; use one of {', '.join(SCHEMES)}")
+    if not isinstance(num_partitions, int) or num_partitions < 1:
+        raise ValueError(f"data.num-partitions = {num_partitions!r}; use an int >= 1 (one per client)")
+    if num_partitions > n:
+        raise ValueError(
+            f"data.num-partitions = {num_partitions} exceeds the {n} examples; use at most {n} partitions"
+        )
+    if scheme == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(
+                f"data.dirichlet-alpha = {alpha!r}; use a number > 0 (0.1 very skewed, 1 mild, 100 near IID)"
+            )
+        if min_partition_size < 0 or num_partitions * min_partition_size > n:
+            raise ValueError(
+                f"min_partition_size = {min_partition_size} with data.num-partitions = {num_partitions} "
+                f"needs {num_partitions * min_partition_size} examples, there are {n}; lower either (>= 0)"
+            )

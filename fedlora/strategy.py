@@ -1,0 +1,209 @@
+"""The Flower strategy: a thin adapter between Flower's Message API and a registered aggregator.
+
+Per round it sends each sampled node its method payload (frozen factors only once per node), decodes and
+validates the replies (a bad update is dropped with a logged reason; the round goes on with the rest),
+lets the aggregator compute the new global state, checkpoints it atomically, and counts bytes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora import naming
+from fedlora.aggregation import Aggregator, ClientUpdate
+from fedlora.checkpoint import save_checkpoint
+from fedlora.config import FedLoraConfig
+from fedlora.wire import InvalidUpdate, from_record, logical_bytes, message_wire_bytes, to_record, validate_update
+
+log = logging.getLogger("fedlora")
+
+
+@dataclass
+class RoundStats:
+    """What one round cost and achieved; one line of metrics.jsonl."""
+
+    round: int
+    clients_sampled: int = 0
+    clients_aggregated: int = 0
+    rejected: list[str] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    wire_bytes_down: int = 0
+    wire_bytes_up: int = 0
+    eval_bytes_down: int = 0
+    train_loss: float | None = None
+    fed_loss: float | None = None
+    fed_accuracy: float | None = None
+    global_loss: float | None = None
+    global_accuracy: float | None = None
+    seconds: float = 0.0
+
+
+class LoRAStrategy(Strategy):
+    def __init__(
+        self,
+        cfg: FedLoraConfig,
+        aggregator: Aggregator,
+        state: OrderedDict[str, torch.Tensor],
+        round_offset: int = 0,
+        on_round_end: Callable[[RoundStats, OrderedDict[str, torch.Tensor]], None] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.agg = aggregator
+        self.state = state
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self.output_dir = output_dir
+        self.delivered: set[int] = set()  # nodes that hold the method's frozen factors
+        self.stats: dict[int, RoundStats] = {}
+        self._t0 = time.perf_counter()
+        self._train_nodes: dict[int, bool] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def _sample(self, grid: Grid, fraction: float, server_round: int) -> list[int]:
+        """Seeded sampling (Flower's sample_nodes uses the global RNG): same seed, same clients."""
+        min_nodes = self.cfg.run.min_nodes
+        waited = 0.0
+        while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+            if waited >= self.cfg.run.timeout:
+                raise TimeoutError(f"only {len(nodes)} nodes connected after {waited:.0f} s; min-nodes={min_nodes}")
+            if waited % 10 == 0:
+                log.info("waiting for nodes: %d connected, min-nodes=%d", len(nodes), min_nodes)
+            time.sleep(1.0)
+            waited += 1.0
+        k = max(1, round(fraction * len(nodes)))
+        return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(nodes, k))
+
+    def _payload_for(self, node_id: int) -> OrderedDict[str, torch.Tensor]:
+        payload = self.agg.client_payload(self.state, self.agg.config.rank)
+        if node_id in self.delivered and self.agg.frozen:
+            payload = OrderedDict((k, v) for k, v in payload.items()
+                                  if not ((s := naming.split(k)) and s[1] in self.agg.frozen))
+        return payload
+
+    def _messages(self, nodes: Iterable[int], kind: str, server_round: int, stats: RoundStats) -> list[Message]:
+        msgs = []
+        for nid in nodes:
+            payload = self._payload_for(nid)
+            config = ConfigRecord({"server-round": self._round(server_round), "method": self.agg.name,
+                                   "has-frozen": bool(self.agg.frozen) and nid not in self.delivered})
+            msg = Message(RecordDict({"arrays": to_record(payload), "config": config}), dst_node_id=nid,
+                          message_type=kind)
+            if kind == MessageType.TRAIN:
+                stats.bytes_down += logical_bytes(payload)
+                stats.wire_bytes_down += message_wire_bytes(msg)
+            else:
+                stats.eval_bytes_down += logical_bytes(payload)
+            msgs.append(msg)
+        return msgs
+
+    # -- Strategy API --------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        self._t0 = time.perf_counter()
+        stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
+        nodes = self._sample(grid, self.cfg.run.fraction_train, self._round(server_round))
+        stats.clients_sampled = len(nodes)
+        return self._messages(nodes, MessageType.TRAIN, server_round, stats)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats[server_round]
+        updates: list[ClientUpdate] = []
+        losses: list[tuple[float, int]] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                update = self._decode(reply, stats)
+            except InvalidUpdate as e:
+                stats.rejected.append(f"node {node}: {e}")
+                log.warning("round %d: rejected update of node %d: %s", self._round(server_round), node, e)
+                continue
+            updates.append(update)
+            m = reply.content["metrics"]
+            losses.append((float(m["train_loss"]), update.num_examples))
+            if self.agg.frozen:
+                self.delivered.add(node)
+        stats.clients_aggregated = len(updates)
+        if not updates:
+            log.warning("round %d: no valid client update; the global state is unchanged", self._round(server_round))
+            return None, None
+        self.state = self.agg.aggregate(self.state, updates)
+        n = sum(w for _, w in losses)
+        stats.train_loss = sum(v * w for v, w in losses) / n
+        if self.output_dir:
+            save_checkpoint(self.output_dir, self.state, self._round(server_round), {"method": self.agg.name})
+        return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
+
+    def _decode(self, reply: Message, stats: RoundStats) -> ClientUpdate:
+        if reply.has_error():
+            raise InvalidUpdate(f"client error: {reply.error.reason}")
+        try:
+            tensors = from_record(reply.content["arrays"])
+            metrics = reply.content["metrics"]
+            n, rank = int(metrics["num-examples"]), int(metrics["rank"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidUpdate(f"malformed reply ({e!r}); expected 'arrays' and 'metrics' with num-examples, rank")
+        stats.bytes_up += logical_bytes(tensors)
+        stats.wire_bytes_up += message_wire_bytes(reply)
+        if n <= 0:
+            raise InvalidUpdate(f"num-examples={n} must be > 0")
+        try:
+            self.agg.check_rank(rank)
+        except ValueError as e:
+            raise InvalidUpdate(str(e)) from None
+        validate_update(tensors, self.agg.expected_upload(self.state, rank))
+        return ClientUpdate(reply.metadata.src_node_id, tensors, n, rank)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        if self.cfg.run.fraction_evaluate <= 0:
+            return []
+        stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
+        nodes = self._sample(grid, self.cfg.run.fraction_evaluate, self._round(server_round) + 100_000)
+        return self._messages(nodes, MessageType.EVALUATE, server_round, stats)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        stats = self.stats[server_round]
+        rows = []
+        for r in replies:
+            if r.has_error():
+                log.warning("round %d: evaluation failed on node %d: %s", self._round(server_round),
+                            r.metadata.src_node_id, r.error.reason)
+                continue
+            m = r.content["metrics"]
+            rows.append((float(m["loss"]), float(m["accuracy"]), int(m["num-examples"])))
+        n = sum(w for *_, w in rows)
+        if not n:
+            return None
+        stats.fed_loss = sum(l * w for l, _, w in rows) / n
+        stats.fed_accuracy = sum(a * w for _, a, w in rows) / n
+        return MetricRecord({"loss": stats.fed_loss, "accuracy": stats.fed_accuracy})
+
+    def finish_round(self, server_round: int, global_metrics: dict[str, float] | None) -> None:
+        """Called after the server-side evaluation of a round: close its stats and report them."""
+        stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
+        if global_metrics:
+            stats.global_loss = global_metrics.get("loss")
+            stats.global_accuracy = global_metrics.get("accuracy")
+        stats.seconds = time.perf_counter() - self._t0
+        if self.on_round_end:
+            self.on_round_end(stats, self.state)
+
+    def summary(self) -> None:
+        log.info("LoRAStrategy(method=%s, mode=%s, uploads=%s, frozen=%s, rounds=%d)", self.agg.name,
+                 self.agg.mode, self.agg.uploads, self.agg.frozen, self.cfg.run.num_server_rounds)

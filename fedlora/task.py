@@ -1,0 +1,85 @@
+"""Shared set-up of server and clients: the method, the adapted model, a client's slice of the data.
+
+Both sides derive everything from the run config and the seed, so the server and every client build the
+same base model, the same head init and the same partitions without talking to each other.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from fedlora.adapters import inject_adapters
+from fedlora.aggregation import Aggregator, AggregatorConfig, get_aggregator
+from fedlora.config import FedLoraConfig
+from fedlora.data import TextDataset, load_dataset, partition
+from fedlora.models import load_model, load_tokenizer
+from fedlora.train import encode
+
+
+def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
+    agg = get_aggregator(
+        cfg.method.name,
+        AggregatorConfig(rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, seed=cfg.run.seed,
+                         weighting=cfg.method.weighting, fair_lambda=cfg.method.fair_lambda,
+                         fair_steps=cfg.method.fair_steps, fair_lr=cfg.method.fair_lr),
+    )
+    if cfg.adapter.ranks and not agg.heterogeneous_ranks:
+        raise ValueError(f"adapter.ranks={cfg.adapter.ranks!r} gives clients different ranks, but method "
+                         f"{agg.name!r} needs one rank; use method.name='flora' or clear adapter.ranks")
+    return agg
+
+
+@lru_cache(maxsize=4)
+def _dataset(source: str, split: str) -> TextDataset:
+    return load_dataset(source, split)
+
+
+def num_labels(cfg: FedLoraConfig) -> int:
+    return _dataset(cfg.data.source, "train").num_labels
+
+
+def build_model(cfg: FedLoraConfig, mode: str, rank: int) -> nn.Module:
+    """Base model (seeded head) with adapters of ``mode``/``rank`` on the configured targets."""
+    model = load_model(cfg.model.name, num_labels(cfg), seed=cfg.run.seed)
+    inject_adapters(model, cfg.adapter.targets(), rank=rank, alpha=cfg.adapter.alpha, mode=mode,
+                    dropout=cfg.adapter.dropout, head=cfg.adapter.heads())
+    return model
+
+
+def client_dataset(cfg: FedLoraConfig, split: str, partition_id: int, num_partitions: int) -> TextDataset:
+    """The examples of ``split`` that the client holding ``partition_id`` owns (same scheme for train/test)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"node config partition-id={partition_id} must be in [0, num-partitions={num_partitions})")
+    ds = _dataset(cfg.data.source, split)
+    parts = _partitions(cfg.data.source, split, num_partitions, cfg.data.partition, cfg.data.dirichlet_alpha,
+                        cfg.run.seed, cfg.data.min_partition_size if split == "train" else 0)
+    return ds.subset(parts[partition_id])
+
+
+@lru_cache(maxsize=16)
+def _partitions(source: str, split: str, n: int, scheme: str, alpha: float, seed: int, min_size: int):
+    return partition(_dataset(source, split).labels, n, scheme=scheme, alpha=alpha, seed=seed,
+                     min_partition_size=min_size)
+
+
+def server_dataset(cfg: FedLoraConfig) -> TextDataset:
+    """Held-out test examples for the server's global evaluation (a fixed, seeded subset if capped)."""
+    ds = _dataset(cfg.data.source, "test")
+    cap = cfg.data.max_eval_examples
+    if cap and len(ds) > cap:
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.run.seed))[:cap]
+        ds = ds.subset(sorted(idx.tolist()))
+    return ds
+
+
+def encode_dataset(cfg: FedLoraConfig, ds: TextDataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    tok = _tokenizer(cfg.model.name)
+    return encode(tok, ds.texts, cfg.model.max_length), torch.tensor(ds.labels, dtype=torch.long)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(name: str):
+    return load_tokenizer(name)
