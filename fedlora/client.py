@@ -12,7 +12,7 @@ import torch
 from fedlora.adapters import adapter_state, load_adapter_state, reset_adapters
 from fedlora.aggregation import Aggregator
 from fedlora.config import FedLoraConfig
-from fedlora.task import build_model, client_dataset, encode_dataset, make_aggregator
+from fedlora.task import build_model, encoded_client_data, make_aggregator
 from fedlora.train import evaluate, train_local
 
 
@@ -46,14 +46,13 @@ def fit(
     if agg.fresh_each_round:
         reset_adapters(model, torch.Generator().manual_seed(seed))
     load_adapter_state(model, payload)
-    ds = client_dataset(cfg, "train", partition_id, num_partitions)
-    enc, labels = encode_dataset(cfg, ds)
+    n, enc, labels = encoded_client_data(cfg, "train", partition_id, num_partitions)
     t = cfg.train
     metrics = train_local(model, enc, labels, t.local_steps, t.batch_size, t.lr, t.weight_decay,
                           t.max_grad_norm, seed=seed)
     upload = adapter_state(model, roles=agg.uploads, extras=True)
     metrics.update(rank=float(rank), fit_seconds=time.perf_counter() - t0)
-    return ClientResult(upload, len(ds), metrics)
+    return ClientResult(upload, n, metrics)
 
 
 def evaluate_client(
@@ -65,7 +64,5 @@ def evaluate_client(
     # The global adapter has the global rank (FLoRA's payload holds only merged factors: any rank works).
     model = build_model(cfg, agg.mode, cfg.adapter.rank)
     load_adapter_state(model, payload)
-    ds = client_dataset(cfg, "test", partition_id, num_partitions)
-    enc, labels = encode_dataset(cfg, ds)
-    m = evaluate(model, enc, labels, cfg.train.eval_batch_size)
-    return ClientResult(OrderedDict(), len(ds), m)
+    n, enc, labels = encoded_client_data(cfg, "test", partition_id, num_partitions)
+    return ClientResult(OrderedDict(), n, evaluate(model, enc, labels, cfg.train.eval_batch_size))

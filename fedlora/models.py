@@ -46,7 +46,8 @@ def resolve_name(name: str) -> str:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "tiny":
-        return BertTokenizerFast(vocab_file=str(BUILTIN / "vocab.txt"), do_lower_case=True)
+        # transformers 5 ignores vocab_file= silently (all [UNK]); vocab= loads it.
+        return BertTokenizerFast(vocab=str(BUILTIN / "vocab.txt"), do_lower_case=True)
     return AutoTokenizer.from_pretrained(resolve_name(name))
 
 

@@ -80,6 +80,26 @@ def encode_dataset(cfg: FedLoraConfig, ds: TextDataset) -> tuple[dict[str, torch
     return encode(tok, ds.texts, cfg.model.max_length), torch.tensor(ds.labels, dtype=torch.long)
 
 
+_ENCODED: dict[tuple, tuple[int, dict[str, torch.Tensor], torch.Tensor]] = {}
+
+
+def encoded_client_data(cfg: FedLoraConfig, split: str, partition_id: int, num_partitions: int
+                        ) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
+    """(num examples, token tensors, labels) of a client's split, tokenised once per process.
+
+    A cache of derived, read-only data (not client state): in simulation a ray actor serves many rounds
+    and would otherwise re-tokenise its partition every round; in deployment each message is a fresh
+    process and simply misses the cache.
+    """
+    d, m = cfg.data, cfg.model
+    key = (d.source, split, partition_id, num_partitions, d.partition, d.dirichlet_alpha, d.min_partition_size,
+           cfg.run.seed, m.name, m.max_length)
+    if key not in _ENCODED:
+        ds = client_dataset(cfg, split, partition_id, num_partitions)
+        _ENCODED[key] = (len(ds), *encode_dataset(cfg, ds))
+    return _ENCODED[key]
+
+
 @lru_cache(maxsize=2)
 def _tokenizer(name: str):
     return load_tokenizer(name)

@@ -81,7 +81,9 @@ def test_fed_sb_uniform_weighting_is_the_plain_mean() -> None:
     updates = _updates(torch.Generator().manual_seed(1))
     new = agg.aggregate(agg.init_state(_init()), updates)
     kr = naming.key("enc.0.q", "R")
-    torch.testing.assert_close(new[kr], torch.stack([u.tensors[kr] for u in updates]).mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        new[kr], torch.stack([u.tensors[kr] for u in updates]).mean(0), atol=1e-6, rtol=0
+    )
 
 
 def test_fed_sb_rejects_rank_above_layer_size() -> None:

@@ -26,7 +26,10 @@ def _updates(gen: torch.Generator, num_examples=NUM_EXAMPLES) -> list[ClientUpda
 
 
 def _state() -> dict[str, torch.Tensor]:
-    return {name: torch.zeros_like(t) for name, t in _updates(torch.Generator().manual_seed(99))[0].tensors.items()}
+    return {
+        name: torch.zeros_like(t)
+        for name, t in _updates(torch.Generator().manual_seed(99))[0].tensors.items()
+    }
 
 
 def _p(updates: list[ClientUpdate]) -> list[float]:
@@ -63,7 +66,10 @@ def test_fedit_gap_is_the_pairwise_cross_term() -> None:
 
 def test_fedit_identical_clients_give_identical_result() -> None:
     one = _updates(torch.Generator().manual_seed(2), num_examples=(7,))[0]
-    same = [ClientUpdate(client_id=i, tensors=one.tensors, num_examples=n, rank=RANK) for i, n in enumerate((3, 9, 1))]
+    same = [
+        ClientUpdate(client_id=i, tensors=one.tensors, num_examples=n, rank=RANK)
+        for i, n in enumerate((3, 9, 1))
+    ]
     new = get_aggregator("fedit", AggregatorConfig(rank=RANK)).aggregate(_state(), same)
     for name, t in new.items():
         torch.testing.assert_close(t, one.tensors[name], atol=1e-6, rtol=1e-6)
@@ -71,7 +77,9 @@ def test_fedit_identical_clients_give_identical_result() -> None:
 
 def test_fedit_uniform_weighting_ignores_num_examples() -> None:
     updates = _updates(torch.Generator().manual_seed(3))
-    new = get_aggregator("fedit", AggregatorConfig(rank=RANK, weighting="uniform")).aggregate(_state(), updates)
+    new = get_aggregator("fedit", AggregatorConfig(rank=RANK, weighting="uniform")).aggregate(
+        _state(), updates
+    )
     for name, t in new.items():
         expected = torch.stack([u.tensors[name] for u in updates]).mean(0)
         torch.testing.assert_close(t, expected, atol=1e-6, rtol=1e-6)

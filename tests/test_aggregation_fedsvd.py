@@ -43,24 +43,32 @@ def _b_bar(updates: list[ClientUpdate], kb: str) -> torch.Tensor:
     return sum(u.num_examples / total * u.tensors[kb].to(F64) for u in updates)
 
 
-def _check_round(state: dict[str, torch.Tensor], updates: list[ClientUpdate], new: dict[str, torch.Tensor]) -> None:
+def _check_round(
+    state: dict[str, torch.Tensor], updates: list[ClientUpdate], new: dict[str, torch.Tensor]
+) -> None:
     for layer, (d_out, _) in SHAPES.items():
         ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
         a_new, b_new = new[ka].to(F64), new[kb].to(F64)
         assert a_new.shape == state[ka].shape and b_new.shape == (d_out, RANK)
         torch.testing.assert_close(a_new @ a_new.T, torch.eye(RANK, dtype=F64), atol=1e-5, rtol=0)
         target = _b_bar(updates, kb) @ state[ka].to(F64)
-        torch.testing.assert_close(b_new @ a_new, target, atol=1e-5 * max(float(target.abs().max()), 1.0), rtol=0)
+        torch.testing.assert_close(
+            b_new @ a_new, target, atol=1e-5 * max(float(target.abs().max()), 1.0), rtol=0
+        )
         gram = b_new.T @ b_new  # columns of B orthogonal, norms = descending singular values
         sigma = torch.linalg.svdvals(target)[:RANK]
-        torch.testing.assert_close(gram, torch.diag(sigma**2), atol=1e-4 * max(float(sigma[0]) ** 2, 1.0), rtol=0)
+        torch.testing.assert_close(
+            gram, torch.diag(sigma**2), atol=1e-4 * max(float(sigma[0]) ** 2, 1.0), rtol=0
+        )
 
 
 def test_fedsvd_first_round_from_kaiming_a() -> None:
     gen = torch.Generator().manual_seed(0)
     agg = _agg()
     state = agg.init_state(_init(gen))
-    assert (state[naming.key("enc.0.q", "A")] @ state[naming.key("enc.0.q", "A")].T - torch.eye(RANK)).abs().max() > 0.1
+    assert (
+        state[naming.key("enc.0.q", "A")] @ state[naming.key("enc.0.q", "A")].T - torch.eye(RANK)
+    ).abs().max() > 0.1
     updates = _updates(gen)
     new = agg.aggregate(state, updates)
     assert set(new) == set(state)

@@ -41,7 +41,8 @@ def _ideal(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
     total = sum(u.num_examples for u in updates)
     ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
     return sum(
-        (u.num_examples / total) * (ALPHA / u.rank) * u.tensors[kb].to(F64) @ u.tensors[ka].to(F64) for u in updates
+        (u.num_examples / total) * (ALPHA / u.rank) * u.tensors[kb].to(F64) @ u.tensors[ka].to(F64)
+        for u in updates
     )
 
 

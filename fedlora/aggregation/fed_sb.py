@@ -36,7 +36,8 @@ class FedSB(Aggregator):
         for layer, (d_out, d_in) in self.layer_dims(init).items():
             if r > min(d_out, d_in):
                 raise ValueError(
-                    f"fed_sb needs adapter.rank={r} <= min(d_out, d_in)={min(d_out, d_in)} for layer {layer!r}"
+                    f"fed_sb needs adapter.rank={r} <= min(d_out, d_in)={min(d_out, d_in)} "
+                    f"for layer {layer!r}; lower adapter.rank"
                 )
             gen = torch.Generator().manual_seed(_layer_seed(self.config.seed, layer))
             out[naming.key(layer, "A")] = _orthonormal_columns(d_in, r, gen).T.contiguous()
@@ -60,7 +61,7 @@ class FedSB(Aggregator):
 def sb_factors_from_gradient(
     grad: torch.Tensor, rank: int, step: float, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoRA-SB init ``(B, R, A)``: ``scaling * B @ R @ A`` is the best rank-r approximation of -step*sign(grad).
+    """LoRA-SB init ``(B, R, A)``: ``scaling * B @ R @ A`` = best rank-r approximation of -step*sign(grad).
 
     grad: (d_out, d_in). The sign step mimics one Adam step of full fine-tuning; an exact truncated SVD
     (not the randomized one of the official code) makes the result deterministic. B (d_out, r) has

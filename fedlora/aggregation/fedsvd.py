@@ -44,6 +44,8 @@ def refactor(b_bar: torch.Tensor, a_prev: torch.Tensor) -> tuple[torch.Tensor, t
     r, d_in = a_prev.shape
     d_out = b_bar.shape[0]
     if r > min(d_out, d_in):
-        raise ValueError(f"fedsvd needs adapter.rank={r} <= min(d_out, d_in)={min(d_out, d_in)} of every layer")
+        raise ValueError(
+            f"fedsvd needs adapter.rank={r} <= min(d_out, d_in)={min(d_out, d_in)} of every layer"
+        )
     u, s, vh = thin_svd(b_bar, a_prev, dtype=torch.float64)  # k = r
     return vh.to(torch.float32), (u * s).to(torch.float32)

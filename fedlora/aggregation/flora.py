@@ -55,8 +55,8 @@ class FLoRA(Aggregator):
                 a, b = u.tensors[ka], u.tensors[kb]
                 if a.shape != (u.rank, d_in) or b.shape != (d_out, u.rank):
                     raise ValueError(
-                        f"client {u.client_id} sent {ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} but reports "
-                        f"rank {u.rank}; expected ({u.rank}, {d_in}) and ({d_out}, {u.rank})"
+                        f"client {u.client_id} sent {ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} "
+                        f"but reports rank {u.rank}; expected ({u.rank}, {d_in}) and ({d_out}, {u.rank})"
                     )
                 rows.append(pk * self.config.scaling(u.rank) * a.to(torch.float32))
                 cols.append(b.to(torch.float32))

@@ -21,7 +21,9 @@ def thin_svd(
     product is rank deficient (e.g. all zero): the QR factors are orthonormal by construction.
     """
     if L.dim() != 2 or Rt.dim() != 2 or L.shape[1] != Rt.shape[0]:
-        raise ValueError(f"thin_svd needs L (d_out, m) and Rt (m, d_in); got {tuple(L.shape)} and {tuple(Rt.shape)}")
+        raise ValueError(
+            f"thin_svd needs L (d_out, m) and Rt (m, d_in); got {tuple(L.shape)} and {tuple(Rt.shape)}"
+        )
     q_l, r_l = torch.linalg.qr(L.detach().to(torch.float64), mode="reduced")  # (d_out, a), (a, m)
     q_r, r_r = torch.linalg.qr(Rt.detach().to(torch.float64).T, mode="reduced")  # (d_in, b), (b, m)
     u_c, s, vh_c = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # core (a, b); k = min(a, b)

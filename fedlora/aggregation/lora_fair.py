@@ -18,6 +18,7 @@ from fedlora.aggregation.base import Aggregator, AggregatorConfig, ClientUpdate,
 
 _EARLY_STOP = 1e-9  # stop when the loss changes by less than this between Adam steps
 _ALREADY_IDEAL = 1e-12  # 1 - cos below this at dB = 0: nothing to correct, return dB = 0 exactly
+_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 _NEGLIGIBLE = 1e-6  # ||dW|| below this fraction of sum p_k ||B_k|| ||A_k||: the clients cancel, dB = 0
 
 
@@ -37,7 +38,9 @@ class LoRAFAIR(Aggregator):
             a_s = [u.tensors[ka] for u in updates]
             b_s = [u.tensors[kb] for u in updates]
             a_bar, b_bar = self.weighted_mean(a_s, p), self.weighted_mean(b_s, p)
-            db = solve_residual(FairObjective(a_bar, b_bar, a_s, b_s, p, self.config.fair_lambda), self.config)
+            db = solve_residual(
+                FairObjective(a_bar, b_bar, a_s, b_s, p, self.config.fair_lambda), self.config
+            )
             out[ka] = a_bar
             out[kb] = (b_bar.to(torch.float64) + db).to(torch.float32)
         return out
@@ -76,37 +79,50 @@ class FairObjective:
         # Upper bound on ||dW||: the scale against which "dW is ~0" is judged.
         self.bound = sum(pk * float(b.norm() * a.norm()) for pk, a, b in zip(p, a_s, b_s, strict=True))
 
-    def __call__(self, db: torch.Tensor) -> torch.Tensor:
+    def __call__(self, db: torch.Tensor) -> float:
+        return self.value_and_grad(db)[0]
+
+    def value_and_grad(self, db: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Loss and its gradient in closed form: one (d_out, r) x (r, r) product, no autograd overhead."""
         bt = self.b_bar + db
-        inner = (self.p_mat * bt).sum()
-        xx = torch.trace(bt.T @ bt @ self.c_mat).clamp_min(torch.finfo(torch.float64).tiny)
-        cos = inner / (self.ideal_norm * xx.sqrt())
-        return 1.0 - cos + self.lam * torch.linalg.vector_norm(db)
+        bt_c = bt @ self.c_mat
+        inner = float((self.p_mat * bt).sum())
+        xx = max(float((bt_c * bt).sum()), torch.finfo(torch.float64).tiny)
+        denom = self.ideal_norm * xx**0.5
+        db_norm = float(torch.linalg.vector_norm(db))
+        grad = (inner / xx) * bt_c - self.p_mat
+        grad /= denom
+        if db_norm > 0:
+            grad += (self.lam / db_norm) * db
+        return 1.0 - inner / denom + self.lam * db_norm, grad
 
 
 def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.Tensor:
     """Adam on dB from 0; returns the best iterate seen, so the loss is never worse than at dB = 0.
 
     Returns exactly zero when the ideal update is ~0 (nothing to align with) or already reached by
-    B_bar A_bar (e.g. all clients agree).
+    B_bar A_bar (e.g. all clients agree). Adam is written out (standard, bias-corrected) because the
+    problem is tiny and torch.optim + autograd overhead would dominate the server's round time.
     """
     db = torch.zeros_like(objective.b_bar)
     if objective.ideal_norm <= _NEGLIGIBLE * objective.bound:
         return db
+    m, v = torch.zeros_like(db), torch.zeros_like(db)
     best_db, best_loss, prev = db.clone(), float("inf"), float("nan")
-    db.requires_grad_(True)
-    opt = torch.optim.Adam([db], lr=config.fair_lr)
-    with torch.enable_grad():
-        for step in range(config.fair_steps + 1):
-            opt.zero_grad()
-            loss = objective(db)
-            value = float(loss)
-            if value < best_loss:
-                best_db, best_loss = db.detach().clone(), value
-            if (step == 0 and value < _ALREADY_IDEAL) or abs(prev - value) < _EARLY_STOP:
-                break
-            prev = value
-            if step < config.fair_steps:
-                loss.backward()
-                opt.step()
+    for step in range(config.fair_steps + 1):
+        value, grad = objective.value_and_grad(db)
+        if value < best_loss:
+            best_db, best_loss = db.clone(), value
+        if (
+            (step == 0 and value < _ALREADY_IDEAL)
+            or abs(prev - value) < _EARLY_STOP
+            or step == config.fair_steps
+        ):
+            break
+        prev = value
+        m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
+        v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+        m_hat = m / (1 - _BETA1 ** (step + 1))
+        v_hat = v / (1 - _BETA2 ** (step + 1))
+        db = db - config.fair_lr * m_hat / (v_hat.sqrt() + _EPS)
     return best_db

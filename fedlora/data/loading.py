@@ -2,8 +2,10 @@
 
 The project runs offline, so a source is either a built-in name or a local folder: ``{split}.jsonl`` or
 ``{split}.csv`` files (fields ``text`` and ``label``), or a folder written by ``datasets``' ``save_to_disk``.
-Label ids must mean the same class in every split (the model's head is sized once), so class names are
-resolved over all splits of a folder, not only the one asked for.
+Label ids must mean the same class in every split (the model's head is sized once), so class names come from
+the folder's ``labels.json`` (the name of id i at position i) or, without it, from all splits of the folder
+(every ``.jsonl`` / ``.csv`` file there, every split of a saved ``DatasetDict``), not only the one asked for:
+int ids -> "0".."max", class names -> sorted.
 """
 
 from __future__ import annotations
@@ -88,11 +90,12 @@ def _local_folder(source: str) -> Path:
             f"(split files named train.jsonl / test.jsonl or train.csv / test.csv)"
         )
     raise ValueError(
-        f"data.source = {source!r}: no such folder. Use {' or '.join(map(repr, BUILTIN))} (built in) or a "
-        f"local folder holding {{split}}.jsonl / {{split}}.csv files (fields 'text' and 'label') or written by "
-        f"datasets' save_to_disk. Hugging Face Hub names are not supported: the project runs offline. On a "
-        f"machine with network access run datasets.load_dataset({source!r}).save_to_disk('<folder>'), copy "
-        f"the folder here and set data.source to its path."
+        f"data.source = {source!r}: no such folder. Use {' or '.join(map(repr, BUILTIN))} (built in) or "
+        f"a local folder holding {{split}}.jsonl / {{split}}.csv files (fields 'text' and 'label') or "
+        f"written by datasets' save_to_disk. Hugging Face Hub names are not supported: the project runs "
+        f"offline. On a machine with network access run "
+        f"datasets.load_dataset({source!r}).save_to_disk('<folder>'), copy the folder here and set "
+        f"data.source to its path."
     )
 
 
@@ -191,7 +194,7 @@ def _load_saved(folder: Path, source: str, split: str) -> TextDataset:
     if split not in splits:
         raise ValueError(
             f"split {split!r} not found in data.source = {source!r} (splits there: {sorted(splits)}). Save "
-            f"a DatasetDict with that split (DatasetDict({{'train': ..., {split!r}: ...}}).save_to_disk(...)) "
+            f"a DatasetDict with that split (DatasetDict({{'train': ..., {split!r}: ...}}).save_to_disk()) "
             f"or use a split it has."
         )
     for name, ds in splits.items():

@@ -56,8 +56,8 @@ def partition(
                 raise ValueError(
                     f"data.dirichlet-alpha = {alpha}: Dirichlet sampling failed to give each of the "
                     f"{num_partitions} partitions at least {min_partition_size} of the {len(labels)} "
-                    f"examples (11 draws). Raise data.dirichlet-alpha (e.g. 0.5 or 1.0), or lower data.num-partitions "
-                    f"or min_partition_size."
+                    f"examples (11 draws). Raise data.dirichlet-alpha (e.g. 0.5 or 1.0), or lower "
+                    f"data.num-partitions or data.min-partition-size."
                 ) from e
     return [sorted(partitioner.load_partition(i)["index"]) for i in range(num_partitions)]
 
@@ -89,6 +89,6 @@ def _check(n: int, num_partitions: int, scheme: str, alpha: float, min_partition
             )
         if min_partition_size < 0 or num_partitions * min_partition_size > n:
             raise ValueError(
-                f"min_partition_size = {min_partition_size} with data.num-partitions = {num_partitions} "
+                f"data.min-partition-size = {min_partition_size} with data.num-partitions = {num_partitions} "
                 f"needs {num_partitions * min_partition_size} examples, there are {n}; lower either (>= 0)"
             )
