@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("config", help="print every run-config key and its default").set_defaults(func=cmd_config)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedlora").addHandler(handler)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -87,7 +87,7 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     min_nodes: int = 2
     seed: int = 42
-    output_dir: str = "runs/latest"
+    output_dir: str = ""  # "" = runs/<method>-<time>
     timeout: float = 3600.0
     resume: bool = False
 

@@ -67,7 +67,7 @@ def train_local(
         if max_grad_norm > 0:
             nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         correct += int((logits.argmax(-1) == labels[idx]).sum())
         seen += len(idx)
     model.eval()
