@@ -9,6 +9,7 @@ network access unless it is already in the local Hugging Face cache).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -44,10 +45,21 @@ def resolve_name(name: str) -> str:
     return minilm_path() if name == "minilm" else name
 
 
+def tiny_vocab() -> list[str]:
+    return json.loads((BUILTIN / "vocab.json").read_text(encoding="utf-8"))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """WordPiece over the package's 4k-token Austen vocabulary (JSON: Flower's app bundle drops .txt files).
+
+    Passed as a dict: transformers 5 silently ignores ``vocab_file=`` (every word would become [UNK]).
+    """
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(tiny_vocab())}, do_lower_case=True)
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "tiny":
-        # transformers 5 ignores vocab_file= silently (all [UNK]); vocab= loads it.
-        return BertTokenizerFast(vocab=str(BUILTIN / "vocab.txt"), do_lower_case=True)
+        return tiny_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_name(name))
 
 
@@ -59,8 +71,7 @@ def load_model(name: str, num_labels: int, seed: int) -> nn.Module:
     """
     torch.manual_seed(seed)
     if name == "tiny":
-        vocab = sum(1 for _ in open(BUILTIN / "vocab.txt", encoding="utf-8"))
-        config = BertConfig(vocab_size=vocab, num_labels=num_labels, **TINY)
+        config = BertConfig(vocab_size=len(tiny_vocab()), num_labels=num_labels, **TINY)
         model = BertForSequenceClassification(config)
     else:
         path = resolve_name(name)

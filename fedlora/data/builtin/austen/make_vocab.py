@@ -1,4 +1,4 @@
-"""Build ``vocab.txt``: a 4096-entry WordPiece vocabulary for the tiny default model, from ``train.jsonl``.
+"""Build ``vocab.json``: a 4096-entry WordPiece vocabulary for the tiny default model, from ``train.jsonl``.
 
 Why our own: the tiny model is trained from scratch, so a 30k-entry BERT vocabulary would spend most of its
 parameters on an embedding table of unseen words; and nothing may be downloaded. The text is split exactly as
@@ -7,8 +7,8 @@ every word kept here is found whole, and every other word falls back to its char
 
 Layout: the five special tokens (ids 0-4), every character seen, the same characters as ``##`` continuations,
 then the most frequent words (ties broken alphabetically) up to ``SIZE``. Deterministic: re-running it gives a
-byte-identical file. Usage: ``python make_vocab.py`` (writes ``vocab.txt`` beside this script) or
-``python make_vocab.py --check`` (exit status 1 if ``vocab.txt`` is stale).
+byte-identical file. Usage: ``python make_vocab.py`` (writes ``vocab.json`` beside this script) or
+``python make_vocab.py --check`` (exit status 1 if ``vocab.json`` is stale).
 """
 
 from __future__ import annotations
@@ -52,9 +52,14 @@ def train_texts(path: Path = HERE / "train.jsonl") -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+def render(vocab: list[str]) -> str:
+    """JSON list, one token per line: a FAB (Flower's app bundle) ships .json but never .txt files."""
+    return "[\n" + ",\n".join(json.dumps(t, ensure_ascii=False) for t in vocab) + "\n]\n"
+
+
 def main(argv: list[str]) -> int:
-    content = "".join(token + "\n" for token in build_vocab(train_texts()))
-    out = HERE / "vocab.txt"
+    content = render(build_vocab(train_texts()))
+    out = HERE / "vocab.json"
     if "--check" in argv:
         fresh = out.exists() and out.read_text(encoding="utf-8") == content
         print(f"{out}: {'up to date' if fresh else 'STALE: run python make_vocab.py'}")
