@@ -29,6 +29,15 @@ ROLES_TRAINED = {"lora": ("A", "B"), "ffa": ("B",), "sb": ("R",)}
 RANK, ALPHA = 4, 6.0  # scaling 1.5: a wrong formula (alpha, 1/r, alpha*r) shows up
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one intra-op thread is fastest, and on a busy CPU a second spinning thread costs 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -210,11 +219,17 @@ def test_merged_factors_are_added_to_the_base_weight() -> None:
 
     # an empty merge (m = 0, FLoRA's initial state) leaves the weight alone
     before = model.get_submodule(layer).base.weight.detach().clone()
-    load_adapter_state(model, {naming.key(layer, "MA"): torch.zeros(0, 32), naming.key(layer, "MB"): torch.zeros(32, 0)})
+    empty = {naming.key(layer, "MA"): torch.zeros(0, 32), naming.key(layer, "MB"): torch.zeros(32, 0)}
+    load_adapter_state(model, empty)
     assert torch.equal(model.get_submodule(layer).base.weight, before)
 
     with pytest.raises(KeyError, match="merged_A and merged_B"):
         load_adapter_state(model, {naming.key(layer, "MA"): ma})
+    with pytest.raises(ValueError, match=re.escape(naming.key(layer, "MA"))):
+        load_adapter_state(model, {naming.key(layer, "MA"): torch.zeros(5, 31), naming.key(layer, "MB"): mb})
+    with pytest.raises(ValueError, match=re.escape(naming.key(layer, "MB"))):
+        load_adapter_state(model, {naming.key(layer, "MA"): ma, naming.key(layer, "MB"): torch.zeros(32, 4)})
+    assert torch.equal(model.get_submodule(layer).base.weight, before)  # a rejected merge changes nothing
 
 
 @pytest.mark.parametrize("mode", ["lora", "ffa", "sb"])

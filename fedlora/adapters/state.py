@@ -74,6 +74,12 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
         for path, f in merged.items():
             if set(f) != {"MA", "MB"}:
                 raise KeyError(f"layer {path!r}: merged_A and merged_B must come together")
+            d_out, d_in = layers[path].base.weight.shape
+            m = f["MA"].shape[0] if f["MA"].dim() else -1
+            for role, want in (("MA", (m, d_in)), ("MB", (d_out, m))):
+                if tuple(f[role].shape) != want:
+                    raise ValueError(f"tensor {naming.key(path, role)!r} has shape {tuple(f[role].shape)}, "
+                                     f"the model expects {want}")
             if f["MA"].shape[0]:
                 w = layers[path].base.weight
                 w.add_((f["MB"].to(torch.float32) @ f["MA"].to(torch.float32)).to(w.dtype))

@@ -1,0 +1,162 @@
+"""Run config: Flower's flat keys map onto the dataclasses, bad keys and values fail naming the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlora.config import ConfigError, FedLoraConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> dotted keys, as Flower builds ``context.run_config``."""
+    flat: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def test_defaults() -> None:
+    cfg = FedLoraConfig()
+    assert cfg.run.num_server_rounds == 3
+    assert cfg.run.fraction_train == 1.0
+    assert cfg.run.seed == 42
+    assert cfg.run.resume is False
+    assert cfg.model.name == "tiny"
+    assert cfg.adapter.rank == 8
+    assert cfg.adapter.alpha == 16.0
+    assert cfg.adapter.targets() == ["query", "value"]
+    assert cfg.adapter.heads() == ["classifier"]
+    assert cfg.adapter.ranks == ""
+    assert cfg.method.name == "fedit"
+    assert cfg.data.partition == "dirichlet"
+    assert cfg.train.lr == 2e-3
+    cfg.validate()  # the defaults are valid
+    assert FedLoraConfig.from_run_config({}) == cfg
+
+
+def test_from_run_config_maps_dotted_and_dashed_keys_and_coerces() -> None:
+    cfg = FedLoraConfig.from_run_config({
+        "adapter.target-modules": "q_proj, v_proj",
+        "num-server-rounds": 5,
+        "train.lr": 1,
+        "train.local-steps": "7",
+        "adapter.rank": "8",
+        "adapter.alpha": "4",
+        "resume": "true",
+        "method.name": "flora",
+        "data.dirichlet-alpha": 0.5,
+        "model.max-length": 32.0,
+    })
+    assert cfg.adapter.target_modules == "q_proj, v_proj"
+    assert cfg.adapter.targets() == ["q_proj", "v_proj"]
+    assert cfg.run.num_server_rounds == 5
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert cfg.train.local_steps == 7 and type(cfg.train.local_steps) is int
+    assert cfg.adapter.rank == 8 and type(cfg.adapter.rank) is int
+    assert cfg.adapter.alpha == 4.0 and type(cfg.adapter.alpha) is float
+    assert cfg.run.resume is True
+    assert cfg.method.name == "flora"
+    assert cfg.data.dirichlet_alpha == 0.5
+    assert cfg.model.max_length == 32 and type(cfg.model.max_length) is int
+    # untouched keys keep their defaults
+    assert cfg.train.batch_size == FedLoraConfig().train.batch_size
+
+
+@pytest.mark.parametrize("text, want", [("true", True), ("True", True), ("1", True), ("false", False),
+                                        ("0", False), (True, True), (False, False)])
+def test_bool_coercion(text: Any, want: bool) -> None:
+    assert FedLoraConfig.from_run_config({"resume": text}).run.resume is want
+
+
+@pytest.mark.parametrize("key, known", [
+    ("adapter.rnak", ["rank", "target-modules", "alpha"]),
+    ("num-rounds", ["num-server-rounds", "fraction-train"]),
+    ("train.learning-rate", ["lr", "local-steps"]),
+])
+def test_unknown_key_names_it_and_lists_the_known_keys(key: str, known: list[str]) -> None:
+    with pytest.raises(ConfigError, match=re.escape(repr(key))) as err:
+        FedLoraConfig.from_run_config({key: 1})
+    for k in known:
+        assert f"'{k}'" in str(err.value)
+
+
+def test_unknown_section_names_the_key_and_the_sections() -> None:
+    with pytest.raises(ConfigError, match="'adaptr.rank'") as err:
+        FedLoraConfig.from_run_config({"adaptr.rank": 4})
+    assert "'adapter'" in str(err.value) and "'train'" in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("adapter.rank", "eight"),
+    ("adapter.rank", 2.5),
+    ("adapter.rank", True),
+    ("train.lr", "fast"),
+    ("train.lr", False),
+    ("resume", "yes"),
+    ("resume", 2),
+    ("num-server-rounds", "3.5"),
+])
+def test_wrong_type_names_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        FedLoraConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("adapter.rank", 0),
+    ("adapter.alpha", 0),
+    ("adapter.dropout", 1.0),
+    ("adapter.target-modules", " , "),
+    ("fraction-train", 1.5),
+    ("fraction-train", 0.0),
+    ("fraction-evaluate", -0.1),
+    ("num-server-rounds", 0),
+    ("data.partition", "foo"),
+    ("adapter.ranks", "4,x"),
+    ("adapter.ranks", "4,0"),
+    ("train.lr", 0),
+    ("method.weighting", "median"),
+])
+def test_out_of_range_names_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        FedLoraConfig.from_run_config({key: value})
+
+
+def test_to_run_config_round_trips() -> None:
+    cfg = FedLoraConfig.from_run_config({
+        "num-server-rounds": 9, "fraction-evaluate": 0.25, "resume": True, "output-dir": "runs/x",
+        "adapter.rank": 4, "adapter.ranks": "2,4,8", "adapter.target-modules": "q_proj,v_proj",
+        "adapter.head": "", "method.name": "fed_sb", "data.partition": "iid", "train.lr": 0.1,
+    })
+    flat = cfg.to_run_config()
+    assert flat["num-server-rounds"] == 9
+    assert flat["adapter.target-modules"] == "q_proj,v_proj"
+    assert all("_" not in k for k in flat)
+    back = FedLoraConfig.from_run_config(flat)
+    assert back == cfg
+    assert back != FedLoraConfig()
+
+
+def test_rank_for_cycles_through_the_ranks() -> None:
+    cfg = FedLoraConfig.from_run_config({"adapter.ranks": "4,8"})
+    assert [cfg.adapter.rank_for(i) for i in range(3)] == [4, 8, 4]
+    assert FedLoraConfig.from_run_config({"adapter.rank": 6}).adapter.rank_for(5) == 6  # no ranks: global rank
+
+
+def test_pyproject_app_config_is_accepted() -> None:
+    tomllib = pytest.importorskip("tomllib")  # stdlib from Python 3.11; the project supports 3.10
+    with open(PYPROJECT, "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    flat = _flatten(table)
+    assert "adapter.target-modules" in flat and "num-server-rounds" in flat  # flattened as Flower does
+    back = FedLoraConfig.from_run_config(flat).to_run_config()
+    for key, value in flat.items():
+        assert back[key] == value, key
