@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-clients", type=int, default=4)
     run.add_argument("--parallel", type=int, default=2, help="clients trained at once (simulation engine)")
     run.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation")
+    run.add_argument("--verbose", action="store_true", help="show Flower's own INFO logs")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. adapter.rank=4")
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list aggregation methods").set_defaults(func=cmd_methods)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("fedlora").addHandler(handler)
+    if not getattr(args, "verbose", False):
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # our per-round lines say what matters
     try:
         return args.func(args)
     except ConfigError as e:

@@ -133,14 +133,16 @@ class FedLoraConfig:
             (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
             (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
             (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),
-            (bool(self.adapter.targets()), "adapter.target-modules", "must name at least one module, e.g. 'query,value'"),
+            (bool(self.adapter.targets()), "adapter.target-modules",
+             "must name at least one module, e.g. 'query,value'"),
             (self.train.local_steps >= 1, "train.local-steps", "must be >= 1"),
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.model.max_length >= 8, "model.max-length", "must be >= 8"),
             (self.data.partition in ("iid", "dirichlet"), "data.partition", "must be 'iid' or 'dirichlet'"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
-            (self.method.weighting in ("num_examples", "uniform"), "method.weighting", "must be 'num_examples' or 'uniform'"),
+            (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
+             "must be 'num_examples' or 'uniform'"),
             (self.method.sb_init in ("orthogonal", "gradient"), "method.sb-init", "must be 'orthogonal' or 'gradient'"),
         ]
         for ok, key, fix in checks:
@@ -150,7 +152,9 @@ class FedLoraConfig:
             try:
                 ranks = [int(r) for r in self.adapter.ranks.split(",")]
             except ValueError as e:
-                raise ConfigError(f"adapter.ranks={self.adapter.ranks!r} must be comma-separated ints, e.g. '4,8,16'") from e
+                raise ConfigError(
+                    f"adapter.ranks={self.adapter.ranks!r} must be comma-separated ints, e.g. '4,8,16'"
+                ) from e
             if min(ranks) < 1:
                 raise ConfigError(f"adapter.ranks={self.adapter.ranks!r}: every rank must be >= 1")
 

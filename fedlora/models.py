@@ -23,6 +23,7 @@ from transformers import (
     BertTokenizerFast,
     PreTrainedTokenizerBase,
 )
+from transformers import logging as hf_logging
 
 BUILTIN = Path(__file__).parent / "data" / "builtin" / "austen"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -69,6 +70,7 @@ def load_model(name: str, num_labels: int, seed: int) -> nn.Module:
     The new classification head is initialised under ``seed``, so the server and every client build the
     identical head without it ever crossing the wire.
     """
+    hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: the head is new
     torch.manual_seed(seed)
     if name == "tiny":
         config = BertConfig(vocab_size=len(tiny_vocab()), num_labels=num_labels, **TINY)

@@ -20,7 +20,7 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
 from fedlora.strategy import LoRAStrategy
-from fedlora.task import build_model, encode_dataset, make_aggregator, server_dataset, _dataset
+from fedlora.task import _dataset, build_model, encode_dataset, make_aggregator, server_dataset
 from fedlora.train import _batch, evaluate
 from fedlora.wire import to_record
 

@@ -157,7 +157,9 @@ class LoRAStrategy(Strategy):
             metrics = reply.content["metrics"]
             n, rank = int(metrics["num-examples"]), int(metrics["rank"])
         except (KeyError, TypeError, ValueError) as e:
-            raise InvalidUpdate(f"malformed reply ({e!r}); expected 'arrays' and 'metrics' with num-examples, rank")
+            raise InvalidUpdate(
+                f"malformed reply ({e!r}); expected 'arrays' and 'metrics' with num-examples, rank"
+            ) from None
         stats.bytes_up += logical_bytes(tensors)
         stats.wire_bytes_up += message_wire_bytes(reply)
         if n <= 0:
@@ -190,7 +192,7 @@ class LoRAStrategy(Strategy):
         n = sum(w for *_, w in rows)
         if not n:
             return None
-        stats.fed_loss = sum(l * w for l, _, w in rows) / n
+        stats.fed_loss = sum(loss * w for loss, _, w in rows) / n
         stats.fed_accuracy = sum(a * w for _, a, w in rows) / n
         return MetricRecord({"loss": stats.fed_loss, "accuracy": stats.fed_accuracy})
 

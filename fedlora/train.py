@@ -76,7 +76,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 64
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy over all examples."""
     model.eval()
     total_loss, correct = 0.0, 0

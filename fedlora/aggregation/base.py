@@ -20,6 +20,7 @@ import torch
 
 from fedlora import naming
 
+
 @dataclass
 class ClientUpdate:
     """What one client sent back: the tensors it trained, how many examples, and its adapter rank."""
