@@ -67,14 +67,14 @@ class DataConfig:
     partition: str = field(default="dirichlet", metadata={"help": "iid | dirichlet"})
     dirichlet_alpha: float = 1.0
     min_partition_size: int = 10
-    max_eval_examples: int = field(default=512, metadata={"help": "server-side test examples (0 = all)"})
+    max_eval_examples: int = field(default=400, metadata={"help": "server-side test examples (0 = all)"})
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
+    local_steps: int = field(default=20, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_batch_size: int = 64

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 METHODS = ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd"]
 
 # Small and quick: 3 clients x 2 rounds x 4 steps of a 2-layer random BERT.
-FAST = {"num-server-rounds": 2, "train.local-steps": 4, "train.batch-size": 8, 
+FAST = {"num-server-rounds": 2, "train.local-steps": 4, "train.lr": 0.002, "train.batch-size": 8, 
         "data.max-eval-examples": 128, "model.max-length": 32, "adapter.rank": 4, "data.partition": "iid",
         "fraction-evaluate": 0.0}
 
