@@ -42,9 +42,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| method | acc round 0 | final acc | best acc | final loss | down / round | up / round | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        down, up = r["bytes_down_per_round"][-1] / 1e3, r["bytes_up_per_round"][-1] / 1e3
         lines.append(f"| {r['method']} | {r['initial_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
-                     f"{r['best_accuracy']:.3f} | {r['final_loss']:.3f} | {r['bytes_down_per_round'][-1] / 1e3:,.1f} kB "
-                     f"| {r['bytes_up_per_round'][-1] / 1e3:,.1f} kB | {r['wall_seconds']:.0f} |")
+                     f"{r['best_accuracy']:.3f} | {r['final_loss']:.3f} | {down:,.1f} kB | {up:,.1f} kB "
+                     f"| {r['wall_seconds']:.0f} |")
     return "\n".join(lines)
 
 
