@@ -324,7 +324,9 @@ def _check_wire(grid, rows) -> None:
 @pytest.mark.parametrize("method", ["fedit", "fed_sb"])
 def test_resume_continues_exactly_where_the_run_stopped(method, tmp_path):
     # 4 nodes, half sampled per round: sampling and client seeds must follow the absolute round number.
-    common = {"method.name": method, "fraction-train": 0.5, "train.local-steps": 2}
+    # Seed 1 samples different nodes in rounds 1 and 3 (checked below), so a resumed run that restarted its
+    # round counter would train round 3 on round 1's nodes and diverge.
+    common = {"method.name": method, "fraction-train": 0.5, "train.local-steps": 2, "seed": 1}
     grid_a, rows_a, _ = run_local(tmp_path / "resumed", num_nodes=4, **common, **{"num-server-rounds": 2})
     assert load_checkpoint(tmp_path / "resumed")[1] == 2
     grid_b, rows_b, _ = run_local(tmp_path / "resumed", num_nodes=4, **common,
@@ -337,8 +339,9 @@ def test_resume_continues_exactly_where_the_run_stopped(method, tmp_path):
     resumed, last, _ = load_checkpoint(tmp_path / "resumed")
     straight, last_c, _ = load_checkpoint(tmp_path / "straight")
     assert last == last_c == 3
-    assert sorted(m.metadata.dst_node_id for m in grid_b.sent) == \
-        sorted(m.metadata.dst_node_id for m in _train_msgs(grid_c, 3))
+    sampled = _sampled(grid_c)
+    assert sampled[1] != sampled[3]
+    assert sorted(m.metadata.dst_node_id for m in grid_b.sent) == sampled[3]
     assert list(resumed) == list(straight)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight), \
         [k for k in straight if not torch.equal(resumed[k], straight[k])]
