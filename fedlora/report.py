@@ -49,13 +49,17 @@ class Reporter:
         self.rows: list[dict[str, Any]] = []
         self.t_start = time.perf_counter()
 
-    def start(self, extra: dict[str, Any] | None = None) -> None:
+    def start(self, extra: dict[str, Any] | None = None, keep_history: bool = False) -> None:
+        """Write run.json; start metrics.jsonl afresh, or keep its rows when resuming a run."""
         info = {"config": self.cfg.to_dict(), "run_config": self.cfg.to_run_config(), "seed": self.cfg.run.seed,
                 "versions": versions(), "platform": platform.platform(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **(extra or {})}
         (self.dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        if not self.cfg.run.resume:
-            (self.dir / "metrics.jsonl").write_text("")
+        metrics = self.dir / "metrics.jsonl"
+        if keep_history and metrics.exists():
+            self.rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        else:
+            metrics.write_text("")
         self.printer(f"fedlora: method={self.cfg.method.name} model={self.cfg.model.name} "
                      f"data={self.cfg.data.source} rounds={self.cfg.run.num_server_rounds} -> {self.dir}")
 

@@ -88,14 +88,18 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     agg = make_aggregator(cfg)
     out = output_dir(cfg)
     offset = 0
-    if cfg.run.resume and (out / "server_state.safetensors").exists():
-        state, offset, _ = load_checkpoint(out)
+    resuming = cfg.run.resume and (out / "server_state.safetensors").exists()
+    if resuming:
+        state, offset, meta = load_checkpoint(out)
+        if meta.get("method") != agg.name:
+            raise ValueError(f"resume=true: the checkpoint in {out} is from method {meta.get('method')!r}, not "
+                             f"{agg.name!r}; use another output-dir or the same method.name")
         printer(f"resuming from round {offset} ({out})")
     else:
         state = initial_state(cfg, agg)
     remaining = cfg.run.num_server_rounds - offset
     reporter = Reporter(cfg, out, printer)
-    reporter.start({"resumed_from_round": offset})
+    reporter.start({"resumed_from_round": offset}, keep_history=resuming)
     evaluate_state = global_evaluator(cfg, agg)
     strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out),
                             on_round_end=lambda stats, _state: reporter.round(stats))

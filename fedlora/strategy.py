@@ -130,6 +130,8 @@ class LoRAStrategy(Strategy):
             try:
                 update = self._decode(reply, stats)
             except InvalidUpdate as e:
+                # Resend the frozen factors next time: a failed node may have lost its cached copy (restart).
+                self.delivered.discard(node)
                 stats.rejected.append(f"node {node}: {e}")
                 log.warning("round %d: rejected update of node %d: %s", self._round(server_round), node, e)
                 continue

@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert cfg.adapter.ranks == ""
     assert cfg.method.name == "fedit"
     assert cfg.data.partition == "dirichlet"
-    assert cfg.train.lr == 2e-3
+    assert cfg.train.lr == 5e-3
     cfg.validate()  # the defaults are valid
     assert FedLoraConfig.from_run_config({}) == cfg
 

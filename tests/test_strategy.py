@@ -395,3 +395,30 @@ def test_sample_depends_on_seed_and_round_only(tmp_path):
     assert sample(1, 1, nodes) == sample(1, 1, list(reversed(nodes)))  # node order does not matter
     assert len({tuple(sample(s, 1, nodes)) for s in range(10)}) > 1
     assert len({tuple(sample(1, r, nodes)) for r in range(1, 11)}) > 1
+
+
+class ForgetStateInRound:
+    """Node ``node`` loses its context.state (e.g. its SuperNode restarted) right before round ``server_round``."""
+
+    def __init__(self, app, node: int, server_round: int) -> None:
+        self.app, self.node, self.round = app, node, server_round
+
+    def __call__(self, msg: Message, context) -> Message:
+        if (context.node_id == self.node and msg.metadata.message_type == MessageType.TRAIN
+                and int(msg.content["config"]["server-round"]) == self.round):
+            for key in list(context.state.keys()):
+                del context.state[key]
+        return self.app(msg, context)
+
+
+def test_node_that_lost_its_frozen_factors_gets_them_again(tmp_path):
+    overrides = {"method.name": "fed_sb", "num-server-rounds": 3, "train.local-steps": 1}
+    app = ForgetStateInRound(make_client_app({**FAST, "output-dir": str(tmp_path), **overrides}), BAD_NODE, 2)
+    grid, rows, _ = run_local(tmp_path, client_app=app, **overrides)
+    # Round 2: the server did not resend A, B (it had delivered them), so the node fails clearly ...
+    assert rows[2]["clients_aggregated"] == NODES - 1
+    assert "frozen factors" in rows[2]["rejected"][0] and f"node {BAD_NODE}" in rows[2]["rejected"][0]
+    # ... and round 3 resends them to that node only, so it trains again.
+    r3 = {m.metadata.dst_node_id: list(m.content["arrays"].keys()) for m in _train_msgs(grid, 3)}
+    assert [n for n, keys in r3.items() if _frozen_keys(keys, ("A", "B"))] == [BAD_NODE]
+    assert rows[3]["clients_aggregated"] == NODES and not rows[3]["rejected"]

@@ -60,12 +60,13 @@ def test_flwr_run_local_simulation(tmp_path):
     home.mkdir()
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n')
     out = tmp_path / "run"
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    bindir = str(Path(sys.executable).parent)  # flwr spawns `flower-superlink` from PATH
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
            "FLWR_LOCAL_CONTROL_API_PORT": "39193"}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**FAST, "output-dir": str(out), "model.name": "tiny",
                                                              "method.name": "fedsvd"}.items())
-    flwr = str(Path(sys.executable).parent / "flwr")
+    flwr = str(Path(bindir) / "flwr")
     try:
         proc = subprocess.run([flwr, "run", ".", "local", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
