@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_flwr_run_local_simulation(tmp_path):
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n')
     out = tmp_path / "run"
     bindir = str(Path(sys.executable).parent)  # flwr spawns `flower-superlink` from PATH
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
            "FLWR_LOCAL_CONTROL_API_PORT": "39193"}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**FAST, "output-dir": str(out), "model.name": "tiny",
@@ -75,9 +77,22 @@ def test_flwr_run_local_simulation(tmp_path):
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert all(r["clients_aggregated"] == 2 for r in rows[1:])  # flwr's default: 2 simulated SuperNodes
     finally:  # the local SuperLink is detached and outlives `flwr run` (flower.md trap 2)
-        found = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split()
-        for pid in found:
+        _stop_processes_matching(str(home))
+
+
+def _stop_processes_matching(pattern: str, grace: float = 10.0) -> None:
+    """SIGTERM every process whose command line contains ``pattern``; SIGKILL what is left after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+        pids = [p for p in pids if p != os.getpid()]
+        for pid in pids:
             try:
-                os.kill(int(pid), signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+            time.sleep(0.2)
+        if not pids:
+            return
