@@ -81,6 +81,24 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy. ``mode``: "none"; "sample" = DP-SGD on every client (opacus; record-level DP,
+    one accountant per client); "client" = DP-FedAvg (each client's update clipped to norm ``clip``, Gaussian
+    noise of std noise-multiplier * clip / m on the server's average of m clients)."""
+
+    mode: str = field(default="none", metadata={"help": "none | sample (DP-SGD) | client (DP-FedAvg)"})
+    target_epsilon: float = field(default=0.0, metadata={"help": "budget for the planned run; derives the noise "
+                                                                  "when noise-multiplier = 0 (0 = no budget)"})
+    delta: float = 1e-5
+    noise_multiplier: float = field(default=0.0, metadata={"help": "sigma (sample) or z (client); 0 = from "
+                                                                    "target-epsilon"})
+    clip: float = field(default=1.0, metadata={"help": "per-sample norm C (sample) or update norm S (client)"})
+    accountant: str = field(default="rdp", metadata={"help": "rdp | prv"})
+    state_dir: str = field(default="", metadata={"help": "client accountant files survive SuperNode restarts "
+                                                         "here ('' = context state only)"})
+
+
+@dataclass
 class RunConfig:
     num_server_rounds: int = 3
     fraction_train: float = 1.0
@@ -93,7 +111,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
-            "train": TrainConfig}
+            "train": TrainConfig, "privacy": PrivacyConfig}
 
 
 @dataclass
@@ -104,6 +122,7 @@ class FedLoraConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedLoraConfig:
@@ -144,10 +163,21 @@ class FedLoraConfig:
             (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
              "must be 'num_examples' or 'uniform'"),
             (self.method.sb_init in ("orthogonal", "gradient"), "method.sb-init", "must be 'orthogonal' or 'gradient'"),
+            (self.privacy.mode in ("none", "sample", "client"), "privacy.mode", "must be 'none', 'sample' or 'client'"),
+            (self.privacy.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'"),
+            (self.privacy.clip > 0, "privacy.clip", "must be > 0"),
+            (0 < self.privacy.delta < 1, "privacy.delta", "must be in (0, 1), e.g. 1e-5"),
+            (self.privacy.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 = no budget)"),
+            (self.privacy.noise_multiplier >= 0, "privacy.noise-multiplier", "must be >= 0"),
         ]
         for ok, key, fix in checks:
             if not ok:
                 raise ConfigError(f"run-config {key}={self._get(key)!r} {fix}")
+        p = self.privacy
+        if p.mode != "none" and p.noise_multiplier == 0 and p.target_epsilon == 0:
+            raise ConfigError(
+                f"privacy.mode={p.mode!r} needs privacy.target-epsilon > 0 or privacy.noise-multiplier > 0"
+            )
         if self.adapter.ranks:
             try:
                 ranks = [int(r) for r in self.adapter.ranks.split(",")]
