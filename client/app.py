@@ -6,20 +6,23 @@ lives in ``context.state``: in deployment every message runs in a fresh process,
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: flower.md trap 7)
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import naming
 from fedlora.aggregation import Aggregator
-from fedlora.client import evaluate_client, fit
+from fedlora.client import BudgetExhausted, evaluate_client, fit
 from fedlora.config import FedLoraConfig
 from fedlora.task import make_aggregator
-from fedlora.wire import from_record, to_record
+from fedlora.wire import BUDGET_EXHAUSTED, from_record, to_record
 
 FROZEN_KEY = "fedlora.frozen"
+PRIVACY_KEY = "fedlora.privacy"
 
 
 def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Context) -> dict[str, torch.Tensor]:
@@ -34,6 +37,30 @@ def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Cont
         raise RuntimeError(f"method {agg.name!r}: the server did not send the frozen factors {agg.frozen} and "
                            "this node has none cached (was its state lost?)")
     return {**from_record(context.state[FROZEN_KEY]), **payload}
+
+
+def load_privacy_state(cfg: FedLoraConfig, context: Context, partition_id: int) -> dict | None:
+    """This client's DP accountant: from the context state (simulation, same SuperNode) or, after a SuperNode
+    restart, from its file under privacy.state-dir."""
+    if PRIVACY_KEY in context.state:
+        return json.loads(str(context.state[PRIVACY_KEY]["accountant"]))
+    if cfg.privacy.state_dir:
+        from fedlora.privacy.accountant import load_state_file
+
+        return load_state_file(_state_file(cfg, partition_id))
+    return None
+
+
+def save_privacy_state(cfg: FedLoraConfig, context: Context, partition_id: int, state: dict) -> None:
+    context.state[PRIVACY_KEY] = ConfigRecord({"accountant": json.dumps(state)})
+    if cfg.privacy.state_dir:
+        from fedlora.privacy.accountant import save_state_file
+
+        save_state_file(_state_file(cfg, partition_id), state)
+
+
+def _state_file(cfg: FedLoraConfig, partition_id: int) -> Path:
+    return Path(cfg.privacy.state_dir).expanduser() / f"accountant-partition-{partition_id}.json"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -56,7 +83,13 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         cfg, agg = setup(context)
         pid, n = _partition(context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
-        res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg)
+        privacy_state = load_privacy_state(cfg, context, pid) if cfg.privacy.mode == "sample" else None
+        try:
+            res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg, privacy_state)
+        except BudgetExhausted as e:
+            return Message(Error(code=BUDGET_EXHAUSTED, reason=str(e)), reply_to=msg)
+        if res.privacy_state is not None:
+            save_privacy_state(cfg, context, pid, res.privacy_state)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
         return Message(RecordDict({"arrays": to_record(res.tensors), "metrics": metrics}), reply_to=msg)
 

@@ -178,6 +178,20 @@ class FedLoraConfig:
             raise ConfigError(
                 f"privacy.mode={p.mode!r} needs privacy.target-epsilon > 0 or privacy.noise-multiplier > 0"
             )
+        if p.mode == "client":
+            from fedlora.privacy.client_level import LINEAR_METHODS
+
+            if self.method.name not in LINEAR_METHODS:
+                raise ConfigError(
+                    f"privacy.mode='client' with method.name={self.method.name!r}: client-level DP is exact only for "
+                    f"methods whose aggregate is linear in the uploads {LINEAR_METHODS}; FLoRA and LoRA-FAIR "
+                    "aggregate products of uploaded factors. Use one of those methods or privacy.mode='sample'"
+                )
+            if self.method.weighting != "uniform":
+                raise ConfigError(
+                    "privacy.mode='client' needs method.weighting='uniform' (DP-FedAvg's noise z*S/m assumes an "
+                    "unweighted mean of the m clipped updates); set method.weighting=\"uniform\""
+                )
         if self.adapter.ranks:
             try:
                 ranks = [int(r) for r in self.adapter.ranks.split(",")]

@@ -85,8 +85,12 @@ class Reporter:
         if row["round"] > 0:
             parts += [f"down {_fmt_bytes(row['bytes_down'])} up {_fmt_bytes(row['bytes_up'])}",
                       f"{row['seconds']:.1f} s"]
+        if row.get("epsilon") is not None:
+            parts.append(f"eps {row['epsilon']:.2f}")
         if row["rejected"]:
             parts.append(f"rejected {len(row['rejected'])}")
+        if row.get("exhausted"):
+            parts.append(f"budget spent {len(row['exhausted'])}")
         return " | ".join(parts)
 
     def finish(self) -> dict[str, Any]:
@@ -102,6 +106,8 @@ class Reporter:
             "bytes_down_per_round": [r["bytes_down"] for r in trained],
             "bytes_up_per_round": [r["bytes_up"] for r in trained],
             "wall_seconds": time.perf_counter() - self.t_start,
+            # DP: the largest epsilon any client spent (sample-level) or the federation's (client-level)
+            "epsilon": max((r["epsilon"] for r in self.rows if r.get("epsilon") is not None), default=None),
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.plot()

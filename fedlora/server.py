@@ -19,7 +19,7 @@ from fedlora.aggregation.fed_sb import sb_factors_from_gradient
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
-from fedlora.strategy import LoRAStrategy
+from fedlora.strategy import AllClientsExhausted, LoRAStrategy
 from fedlora.task import _dataset, build_model, encode_dataset, make_aggregator, server_dataset
 from fedlora.train import _batch, evaluate
 from fedlora.wire import to_record
@@ -87,7 +87,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     torch.manual_seed(cfg.run.seed)
     agg = make_aggregator(cfg)
     out = output_dir(cfg)
-    offset = 0
+    offset, meta = 0, {}
     resuming = cfg.run.resume and (out / "server_state.safetensors").exists()
     if resuming:
         state, offset, meta = load_checkpoint(out)
@@ -101,7 +101,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     reporter = Reporter(cfg, out, printer)
     reporter.start({"resumed_from_round": offset}, keep_history=resuming)
     evaluate_state = global_evaluator(cfg, agg)
-    strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out),
+    strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out), resume_meta=meta,
                             on_round_end=lambda stats, _state: reporter.round(stats))
 
     def evaluate_fn(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
@@ -111,7 +111,11 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
         return MetricRecord(metrics)
 
     if remaining > 0:
-        strategy.start(grid, to_record(state), num_rounds=remaining, timeout=cfg.run.timeout, evaluate_fn=evaluate_fn)
+        try:
+            strategy.start(grid, to_record(state), num_rounds=remaining, timeout=cfg.run.timeout,
+                           evaluate_fn=evaluate_fn)
+        except AllClientsExhausted as e:
+            printer(f"stopping early: {e}; the last global state is kept")
     summary = reporter.finish()
     from fedlora.adapters.peft_io import save_peft_adapter
 

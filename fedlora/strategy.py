@@ -23,7 +23,16 @@ from fedlora import naming
 from fedlora.aggregation import Aggregator, ClientUpdate
 from fedlora.checkpoint import save_checkpoint
 from fedlora.config import FedLoraConfig
-from fedlora.wire import InvalidUpdate, from_record, logical_bytes, message_wire_bytes, to_record, validate_update
+from fedlora.privacy.client_level import ClientLevelDP
+from fedlora.wire import (
+    BUDGET_EXHAUSTED,
+    InvalidUpdate,
+    from_record,
+    logical_bytes,
+    message_wire_bytes,
+    to_record,
+    validate_update,
+)
 
 log = logging.getLogger("fedlora")
 
@@ -46,7 +55,15 @@ class RoundStats:
     fed_accuracy: float | None = None
     global_loss: float | None = None
     global_accuracy: float | None = None
+    exhausted: list[str] = field(default_factory=list)
+    client_epsilon: dict[str, float] = field(default_factory=dict)  # node -> epsilon spent (DP-SGD)
+    epsilon: float | None = None  # max client epsilon (sample-level) or the federation's (client-level)
+    update_norm_median: float | None = None  # client-level DP: median pre-clip update norm (to tune clip)
     seconds: float = 0.0
+
+
+class AllClientsExhausted(RuntimeError):
+    """Every client has spent its privacy budget: the run ends here, cleanly."""
 
 
 class LoRAStrategy(Strategy):
@@ -58,6 +75,7 @@ class LoRAStrategy(Strategy):
         round_offset: int = 0,
         on_round_end: Callable[[RoundStats, OrderedDict[str, torch.Tensor]], None] | None = None,
         output_dir: str | None = None,
+        resume_meta: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.agg = aggregator
@@ -68,7 +86,10 @@ class LoRAStrategy(Strategy):
         self.delivered: set[int] = set()  # nodes that hold the method's frozen factors
         self.stats: dict[int, RoundStats] = {}
         self._t0 = time.perf_counter()
-        self._train_nodes: dict[int, bool] = {}
+        self.exhausted: set[int] = set()  # nodes whose DP budget is spent: never sampled again
+        self.num_nodes = 0
+        self.client_dp = (ClientLevelDP(cfg, (resume_meta or {}).get("client_dp_accountant"))
+                          if cfg.privacy.mode == "client" else None)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _round(self, server_round: int) -> int:
@@ -85,8 +106,12 @@ class LoRAStrategy(Strategy):
                 log.info("waiting for nodes: %d connected, min-nodes=%d", len(nodes), min_nodes)
             time.sleep(1.0)
             waited += 1.0
+        self.num_nodes = len(nodes)
         k = max(1, round(fraction * len(nodes)))
-        return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(nodes, k))
+        eligible = [n for n in nodes if n not in self.exhausted]
+        if not eligible:
+            raise AllClientsExhausted(f"all {len(nodes)} clients have spent their privacy budget")
+        return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(eligible, min(k, len(eligible))))
 
     def _payload_for(self, node_id: int) -> OrderedDict[str, torch.Tensor]:
         payload = self.agg.client_payload(self.state, self.agg.config.rank)
@@ -127,6 +152,11 @@ class LoRAStrategy(Strategy):
         losses: list[tuple[float, int]] = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error() and reply.error.code == BUDGET_EXHAUSTED:
+                self.exhausted.add(node)
+                stats.exhausted.append(f"node {node}: {reply.error.reason}")
+                log.warning("round %d: node %d did not train: %s", self._round(server_round), node, reply.error.reason)
+                continue
             try:
                 update = self._decode(reply, stats)
             except InvalidUpdate as e:
@@ -138,17 +168,29 @@ class LoRAStrategy(Strategy):
             updates.append(update)
             m = reply.content["metrics"]
             losses.append((float(m["train_loss"]), update.num_examples))
+            if "epsilon" in m:
+                stats.client_epsilon[str(node)] = float(m["epsilon"])
+                log.info("round %d: node %d has spent epsilon %.3f", self._round(server_round), node, m["epsilon"])
             if self.agg.frozen:
                 self.delivered.add(node)
         stats.clients_aggregated = len(updates)
+        if stats.client_epsilon:
+            stats.epsilon = max(stats.client_epsilon.values())
         if not updates:
+            if self.num_nodes and len(self.exhausted) >= self.num_nodes:
+                raise AllClientsExhausted(f"all {self.num_nodes} clients have spent their privacy budget")
             log.warning("round %d: no valid client update; the global state is unchanged", self._round(server_round))
             return None, None
+        if self.client_dp is not None:
+            updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
         self.state = self.agg.aggregate(self.state, updates)
         n = sum(w for _, w in losses)
         stats.train_loss = sum(v * w for v, w in losses) / n
         if self.output_dir:
-            save_checkpoint(self.output_dir, self.state, self._round(server_round), {"method": self.agg.name})
+            meta = {"method": self.agg.name}
+            if self.client_dp is not None:
+                meta["client_dp_accountant"] = self.client_dp.state_dict()
+            save_checkpoint(self.output_dir, self.state, self._round(server_round), meta)
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
 
     def _decode(self, reply: Message, stats: RoundStats) -> ClientUpdate:

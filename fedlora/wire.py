@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedlora import naming
+BUDGET_EXHAUSTED = 4201  # Error.code of a train reply from a client that declines: its DP budget is spent
 
 
 class InvalidUpdate(ValueError):
@@ -67,7 +67,3 @@ def validate_update(
         peak = float(t.abs().max()) if t.numel() else 0.0
         if peak > max_abs or math.isnan(peak):
             raise InvalidUpdate(f"tensor {name!r} has |value| {peak:.3g} > {max_abs:g}")
-
-
-def is_adapter_name(name: str) -> bool:
-    return naming.split(name) is not None

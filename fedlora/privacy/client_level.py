@@ -1,0 +1,100 @@
+"""Client-level DP (DP-FedAvg with fixed clipping): each client's update is clipped to norm S, and the
+server's average of m updates gets Gaussian noise of std z * S / m.
+
+Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it clips every reply's arrays against the
+one global ArrayRecord it sent, but fedlora sends per-node payloads (frozen factors once) and clients upload
+only the roles their method trains, so its array-by-array pairing does not hold; the math is a few lines.
+
+The noise is drawn per update with std z * S / sqrt(m) before a uniform average, which gives the average
+exactly the N(0, (z S / m)^2) noise of DP-FedAvg and works for every method whose aggregate is linear in
+the uploads (FedIT, FFA-LoRA, Fed-SB, FedSVD's average of B). FLoRA and LoRA-FAIR aggregate products of
+uploaded factors, so the config refuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fedlora.config import FedLoraConfig
+
+LINEAR_METHODS = ("fedit", "ffa", "fed_sb", "fedsvd")
+
+
+def update_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the whole update (all uploaded tensors minus what the client started from)."""
+    total = sum(float(((tensors[k].double() - reference[k].double()) ** 2).sum()) for k in tensors)
+    return math.sqrt(total)
+
+
+def clip_update(
+    tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], clip: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """reference + delta * min(1, clip / ||delta||): the clipped upload, and the norm before clipping."""
+    norm = update_norm(tensors, reference)
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: reference[k] + (tensors[k] - reference[k]) * factor for k in tensors}, norm
+
+
+def add_noise(tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {k: t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype) for k, t in tensors.items()}
+
+
+def privatise_updates(
+    uploads: list[dict[str, torch.Tensor]],
+    reference: Mapping[str, torch.Tensor],
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """Clip every upload to ``clip`` around ``reference`` and noise it so that their uniform mean carries
+    N(0, (noise_multiplier * clip / m)^2) per coordinate. Returns the new uploads and the pre-clip norms."""
+    m = len(uploads)
+    std = noise_multiplier * clip / math.sqrt(m)
+    out, norms = [], []
+    for up in uploads:
+        clipped, norm = clip_update(up, reference, clip)
+        out.append(add_noise(clipped, std, generator))
+        norms.append(norm)
+    return out, norms
+
+
+class ClientLevelDP:
+    """The server's DP-FedAvg state: noise multiplier z (given, or derived once from the budget at the client
+    sampling rate q = clients per round / clients), a seeded noise generator, and the accountant (one step
+    per round at (z, q))."""
+
+    def __init__(self, cfg: FedLoraConfig, accountant_state: dict | None = None) -> None:
+        from fedlora.privacy.accountant import ClientAccountant
+
+        self.p = cfg.privacy
+        self.rounds = cfg.run.num_server_rounds
+        self.z = self.p.noise_multiplier or None
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 31 + 4242)
+        self.accountant = ClientAccountant.from_state(accountant_state, self.p.accountant)
+
+    def noise_multiplier(self, sample_rate: float) -> float:
+        if self.z is None:
+            from fedlora.privacy.accountant import noise_for_budget
+
+            self.z = noise_for_budget(self.p.target_epsilon, self.p.delta, sample_rate, self.rounds, self.p.accountant)
+        return self.z
+
+    def privatise(self, state: Mapping[str, torch.Tensor], updates: list, num_nodes: int, stats) -> list:
+        """Clipped, noised copies of this round's updates (uniform weights); steps the accountant."""
+        q = min(1.0, stats.clients_sampled / max(num_nodes, 1))
+        z = self.noise_multiplier(q)
+        reference = {k: state[k] for k in updates[0].tensors}
+        uploads, norms = privatise_updates([u.tensors for u in updates], reference, self.p.clip, z, self.generator)
+        self.accountant.step(z, q, 1)
+        stats.epsilon = self.accountant.epsilon(self.p.delta)
+        stats.update_norm_median = float(torch.tensor(norms).median())
+        return [dataclasses.replace(u, tensors=t) for u, t in zip(updates, uploads, strict=True)]
+
+    def state_dict(self) -> dict:
+        return self.accountant.state_dict()
