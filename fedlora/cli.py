@@ -15,6 +15,14 @@ from typing import Any
 from fedlora.config import ConfigError, FedLoraConfig
 
 
+def quiet_flower() -> None:
+    """Keep Flower's own INFO logs out of the way; our per-round lines say what matters. flwr sets its logger to
+    DEBUG when its logger module is imported, so import it first."""
+    import flwr.supercore.logger  # noqa: F401
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs as Flower's --run-config gives them (TOML-ish values: numbers, true/false, strings)."""
     out: dict[str, Any] = {}
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("fedlora").addHandler(handler)
     if not getattr(args, "verbose", False):
-        logging.getLogger("flwr").setLevel(logging.WARNING)  # our per-round lines say what matters
+        quiet_flower()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -71,6 +71,7 @@ def load_model(name: str, num_labels: int, seed: int) -> nn.Module:
     identical head without it ever crossing the wire.
     """
     hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: the head is new
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     if name == "tiny":
         config = BertConfig(vocab_size=len(tiny_vocab()), num_labels=num_labels, **TINY)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import time
 from pathlib import Path
 
 from fedlora.aggregation import available
-from fedlora.cli import parse_overrides
+from fedlora.cli import parse_overrides, quiet_flower
 from fedlora.config import FedLoraConfig
 
 COLUMNS = ["method", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss", "bytes_down_per_round",
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="runs/compare")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_flower()
     root = Path(args.output)
     base = {"model.name": args.model, "num-server-rounds": args.rounds, **parse_overrides(args.set)}
     rows = []

@@ -1,0 +1,33 @@
+"""Differential privacy: DP-SGD on each client through opacus (record-level), the persistent per-client
+accountant, and client-level DP (DP-FedAvg).
+
+Names are resolved lazily: importing ``fedlora.privacy.client_level`` (e.g. from the config checks) must not
+pay for importing opacus.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedlora.privacy.accountant import ClientAccountant, load_state_file, noise_for_budget, save_state_file
+    from fedlora.privacy.dpsgd import dp_session, privatised_gradient, train_local_dp
+
+_EXPORTS = {
+    "ClientAccountant": "fedlora.privacy.accountant",
+    "load_state_file": "fedlora.privacy.accountant",
+    "noise_for_budget": "fedlora.privacy.accountant",
+    "save_state_file": "fedlora.privacy.accountant",
+    "dp_session": "fedlora.privacy.dpsgd",
+    "privatised_gradient": "fedlora.privacy.dpsgd",
+    "train_local_dp": "fedlora.privacy.dpsgd",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
