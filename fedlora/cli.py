@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("config", help="print every run-config key and its default").set_defaults(func=cmd_config)
+    from simulations import privacy_sweep  # here, not at the top: simulations imports fedlora.cli
+
+    privacy_sweep.add_arguments(sub.add_parser("sweep", help="accuracy vs privacy budget: target epsilons x methods"))
     args = p.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -1,0 +1,232 @@
+"""Final accuracy against the privacy budget: target epsilons x aggregation methods, same data, partition, seed.
+
+    python -m simulations.privacy_sweep                                   # tiny model, eps 1,3,8,inf, 4 methods
+    python -m simulations.privacy_sweep --real                            # the pretrained MiniLM
+    python -m simulations.privacy_sweep --epsilons 2,inf --methods fedit,fedsvd --set privacy.delta=1e-6
+
+Each cell (method, target epsilon) is one in-process federation, as in simulations.compare, with
+``privacy.mode=sample`` (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP
+baseline (``privacy.mode=none``). ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead.
+Cell folders land under ``<output>/<method>-eps<eps>/``; ``sweep.csv``/``sweep.md``/``sweep.png`` summarise
+them. A cell whose ``summary.json`` has the requested rounds and whose ``run.json`` has the same config is
+reused, so an interrupted sweep continues where it stopped (delete a cell's folder to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora.cli import parse_overrides, quiet_flower
+from fedlora.config import ConfigError, FedLoraConfig
+from simulations.compare import run_method
+
+COLUMNS = ["method", "epsilon", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
+           "bytes_up_per_round", "wall_seconds"]
+
+# Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look
+# (short sequences, few steps); MiniLM keeps the config defaults, which are tuned for it (as `make demo`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"rounds": 3, "num_clients": 4,
+             "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
+    "minilm": {"rounds": 5, "num_clients": 4, "overrides": {}},
+}
+DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
+IGNORED_ON_RESUME = ("output-dir", "resume")  # keys that may differ between a finished cell and its re-request
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """'1,3,8,inf' -> [1.0, 3.0, 8.0, inf]; every value must be > 0."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            eps = float(part)
+        except ValueError:
+            raise ConfigError(f"--epsilons: {part!r} is not a number; use e.g. '1,3,8,inf'") from None
+        if not eps > 0:
+            raise ConfigError(f"--epsilons: {part!r} must be > 0 ('inf' = no DP)")
+        out.append(eps)
+    if not out:
+        raise ConfigError("--epsilons is empty; use e.g. '1,3,8,inf'")
+    return out
+
+
+def eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def cell_dir(root: Path, method: str, eps: float) -> Path:
+    return root / f"{method}-eps{eps_label(eps)}"
+
+
+def cell_config(base: dict[str, Any], method: str, eps: float, out: Path) -> dict[str, Any]:
+    """The full, validated run config of one cell. ``base`` may name privacy.mode (sample or client)."""
+    mode = base.get("privacy.mode", "sample")
+    if math.isinf(eps):
+        privacy = {"privacy.mode": "none", "privacy.target-epsilon": 0.0}
+    elif mode == "none":
+        raise ConfigError("privacy.mode=none in --set contradicts a finite epsilon; use 'sample' or 'client'")
+    else:
+        privacy = {"privacy.mode": mode, "privacy.target-epsilon": eps}
+    cfg = {**base, **privacy, "method.name": method, "output-dir": str(out)}
+    return FedLoraConfig.from_run_config(cfg).to_run_config()
+
+
+def finished(out: Path, cfg: dict[str, Any]) -> dict | None:
+    """The cell's summary if it finished with this config (same rounds, same run.json config), else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("rounds") != cfg["num-server-rounds"]:
+        return None
+    try:
+        ran = json.loads((out / "run.json").read_text())["run_config"]
+    except (OSError, ValueError, KeyError):
+        return summary  # an older folder without run.json: the rounds check is all we have
+    same = all(ran.get(k) == v for k, v in cfg.items() if k not in IGNORED_ON_RESUME)
+    return summary if same else None
+
+
+def empty_rounds(out: Path) -> list[int]:
+    """Rounds in which no client update was aggregated (every client failed or was rejected)."""
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r["round"] for r in rows if r.get("round", 0) > 0 and r.get("clients_aggregated") == 0]
+
+
+def row(method: str, eps: float, summary: dict) -> dict[str, Any]:
+    up = summary.get("bytes_up_per_round") or []
+    return {"method": method, "epsilon": eps_label(eps), "epsilon_spent": summary.get("epsilon"),
+            "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
+            "final_loss": summary.get("final_loss"), "bytes_up_per_round": up[-1] if up else None,
+            "wall_seconds": summary.get("wall_seconds")}
+
+
+def _f(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | epsilon | epsilon spent | final acc | best acc | final loss | up / round | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        up = "-" if r["bytes_up_per_round"] is None else f"{r['bytes_up_per_round'] / 1e3:,.1f} kB"
+        lines.append(f"| {r['method']} | {r['epsilon']} | {_f(r['epsilon_spent'], '.2f')} | "
+                     f"{_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} | {_f(r['final_loss'])} | {up} | "
+                     f"{_f(r['wall_seconds'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Final accuracy vs epsilon on a log axis; the no-DP point sits one step right of the largest epsilon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
+    no_dp = finite[-1] * 4 if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((no_dp if r["epsilon"] == "inf" else float(r["epsilon"]),
+                      math.nan if r["final_accuracy"] is None else r["final_accuracy"])
+                     for r in rows if r["method"] == method)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ticks = finite + ([no_dp] if any(r["epsilon"] == "inf" for r in rows) else [])
+    ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["no DP"] if len(ticks) > len(finite) else []))
+    ax.minorticks_off()
+    if finite and len(ticks) > len(finite):
+        ax.axvline(math.sqrt(finite[-1] * no_dp), color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="target epsilon (log scale)", ylabel="final test accuracy", title="fedlora: accuracy vs privacy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The sweep's options on ``p`` (its own parser or a ``fedlora sweep`` subparser); sets ``func=run``."""
+    p.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons, comma-separated; inf = no DP")
+    p.add_argument("--methods", default="fedit,ffa,fed_sb,fedsvd", help="aggregators, comma-separated")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="tiny", help="tiny | minilm | local model folder")
+    which.add_argument("--real", action="store_true", help="the pretrained MiniLM with its settings (5 rounds)")
+    p.add_argument("--rounds", type=int, help="server rounds per cell (default: the model's preset)")
+    p.add_argument("--num-clients", type=int, help="clients per federation (default 4)")
+    p.add_argument("--output", default="runs/privacy-sweep", help="sweep folder (cells, sweep.csv/md/png)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run-config key for every cell, e.g. train.batch-size=32 or privacy.mode=client")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_flower()
+    model = "minilm" if args.real else args.model
+    preset = PRESETS.get(model, DEFAULT_PRESET)
+    rounds = args.rounds or preset["rounds"]
+    num_clients = args.num_clients or preset["num_clients"]
+    base = {**preset["overrides"], "model.name": model, "num-server-rounds": rounds, **parse_overrides(args.set)}
+    epsilons = parse_epsilons(args.epsilons)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    root = Path(args.output)
+    # Every cell's config is validated before the first one runs: a typo fails now, not after an hour.
+    cells = [(m, e, cell_dir(root, m, e)) for e in epsilons for m in methods]
+    configs = [cell_config(base, m, e, out) for m, e, out in cells]
+
+    results: dict[tuple[str, float], dict] = {}
+    for i, ((method, eps, out), cfg) in enumerate(zip(cells, configs, strict=True), 1):
+        tag = f"[{i}/{len(cells)}] {method} eps={eps_label(eps)}"
+        summary = finished(out, cfg)
+        if summary is not None:
+            print(f"{tag} ... reused {out} (final acc {_f(summary.get('final_accuracy'))})", flush=True)
+        else:
+            print(f"{tag} ... running -> {out}", flush=True)
+            t0 = time.perf_counter()
+            summary = run_method(method, cfg, out, num_clients)
+            spent = "" if summary.get("epsilon") is None else f", epsilon spent {summary['epsilon']:.2f}"
+            print(f"{tag} ... final acc {_f(summary.get('final_accuracy'))}{spent} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if bad := empty_rounds(out):
+            print(f"{tag} ... WARNING: no client update aggregated in round(s) {bad}; see the 'rejected' "
+                  f"reasons in {out / 'metrics.jsonl'} (delete {out} to re-run it)", flush=True)
+        results[method, eps] = summary
+
+    rows = [row(m, e, results[m, e]) for m in methods for e in epsilons]
+    md = table(rows)
+    print(md)
+    (root / "sweep.md").write_text(md + "\n")
+    write_csv(rows, root / "sweep.csv")
+    plot(rows, root / "sweep.png")
+    print(f"sweep: {len(cells)} cells -> {root}/sweep.{{md,csv,png}}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"privacy_sweep: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
