@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("fedlora").addHandler(handler)
+    logging.getLogger("fedlora").propagate = False  # opacus configures the root logger: no double lines
     if not getattr(args, "verbose", False):
         quiet_flower()
     try:

@@ -24,7 +24,15 @@ _EXPORTS = {
     "train_local_dp": "fedlora.privacy.dpsgd",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ClientAccountant",
+    "dp_session",
+    "load_state_file",
+    "noise_for_budget",
+    "privatised_gradient",
+    "save_state_file",
+    "train_local_dp",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,10 +11,13 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 if TYPE_CHECKING:
@@ -42,17 +45,32 @@ def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, st
         raise ValueError(f"sample rate q={sample_rate!r} (train.batch-size / client examples) must be in (0, 1]")
     if steps < 1:
         raise ValueError(f"steps={steps} (num-server-rounds x train.local-steps) must be >= 1")
+    if accountant == "rdp":
+        # Even infinite noise leaves RDP's conversion term log(1/delta)/(alpha-1) over opacus' orders; below it
+        # opacus' search would double sigma up to 1e6 (tens of seconds) before giving up.
+        alphas = RDPAccountant.DEFAULT_ALPHAS
+        with warnings.catch_warnings():  # of course the largest order is optimal at zero RDP
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            floor = float(get_privacy_spent(orders=alphas, rdp=np.zeros(len(alphas)), delta=delta)[0])
+        if target_epsilon <= floor:
+            raise ValueError(f"privacy.target-epsilon={target_epsilon:g} is unreachable with privacy.accountant='rdp' "
+                             f"at privacy.delta={delta:g}: its bound never goes below {floor:.4f}, whatever the "
+                             f"noise; raise privacy.target-epsilon or privacy.delta, or use privacy.accountant='prv'")
     try:
-        # The tolerance is absolute in opacus; make it relative so small budgets are met as closely.
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant,
-                                          epsilon_tolerance=0.005 * target_epsilon))
-    except ValueError as e:  # opacus: "The privacy budget is too low." (sigma would exceed 1e6)
+        with warnings.catch_warnings():  # "Optimal order is the largest alpha" for the search's large sigmas
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # The tolerance is absolute in opacus; make it relative so small budgets are met as closely.
+            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                         steps=steps, accountant=accountant, epsilon_tolerance=0.005 * target_epsilon)
+    except ValueError as e:
+        if "budget is too low" not in str(e):  # opacus' words when sigma would have to exceed 1e6
+            raise
         raise ValueError(
             f"privacy.target-epsilon={target_epsilon:g} is unreachable at privacy.delta={delta:g} with {steps} "
             f"steps at sample rate {sample_rate:.4g}: no noise multiplier up to 1e6 spends that little; raise "
             f"privacy.target-epsilon or privacy.delta, or train fewer steps/rounds or with smaller batches"
         ) from e
+    return float(sigma)
 
 
 class ClientAccountant:
@@ -171,6 +189,6 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"privacy state file {str(path)!r} is not valid JSON ({e}); it was not written by "
-                         f"save_state_file. Move it away to restart this client's accounting from zero "
-                         f"only if no training with it happened") from e
+        raise ValueError(f"privacy state file {str(path)!r} is not valid JSON ({e}); save_state_file never leaves "
+                         f"a partial file, so something else wrote it. Deleting it restarts this client's "
+                         f"accounting at epsilon 0 and forgets what it already spent") from e

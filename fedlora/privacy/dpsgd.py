@@ -6,9 +6,11 @@ expected batch size, AdamW step. opacus does the middle part; the accountant rec
 
 Why ``grad_sample_mode="hooks"``: with low-rank adapters the per-example gradients are small (B x r x d per
 adapter factor) and every trainable tensor lives in a plain ``nn.Linear`` (A, R, B and the head), for which
-opacus has a hand-written Linear grad sampler; measured on CPU it was the cheapest mode (about 1.15-1.2x a
-non-DP step, vs 1.5-1.9x for ghost clipping and functorch, which pay a second backward or vmap). "functorch"
-is accepted too (same results, slower). Ghost clipping only pays off when per-example gradients are huge.
+opacus has a hand-written Linear grad sampler. On CPU it was the cheapest mode in the spec's comparison (about
+1.15-1.2x a non-DP step on tiny models, vs 1.5-1.9x for ghost clipping and functorch, which pay a second
+backward or vmap); ``benchmarks/bench_dp.py`` measures 1.2-1.3x on the tiny BERT and 1.02-1.04x on MiniLM,
+where the frozen backbone dominates. "functorch" is accepted too (same results, slower). Ghost clipping only
+pays off when per-example gradients are huge (full fine-tuning), so it is not offered here.
 
 Why ``wrap_model=False``: opacus then attaches its hooks to our model instead of wrapping it in a
 ``GradSampleModule``, so parameter names stay ours (no ``_module.`` prefix) for the adapter state we upload;
@@ -198,7 +200,8 @@ def privatised_gradient(
     n = len(labels)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
-    with dp_session(model, n, expected_batch_size or n, clip, noise_multiplier, ClientAccountant("rdp"), opt, seed,
+    expected = expected_batch_size or n
+    with dp_session(model, max(n, expected), expected, clip, noise_multiplier, ClientAccountant("rdp"), opt, seed,
                     grad_sample_mode) as (dp_opt, _):
         dp_opt.zero_grad(set_to_none=True)
         _loss(model, enc, labels, torch.arange(n))[0].backward()

@@ -1,0 +1,107 @@
+"""simulations.privacy_sweep end to end on the tiny model: cells, table, CSV, plot, and resume.
+
+Both tests share one sweep folder: the no-DP grid runs first, the full grid then reuses its cells and adds the
+DP ones, and a second invocation of the full grid must re-run nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from simulations import privacy_sweep
+
+FAST = ["train.local-steps=2", "train.batch-size=8", "model.max-length=32", "data.max-eval-examples=64",
+        "fraction-evaluate=0", "adapter.rank=4", "data.partition=iid"]
+METHODS = ["fedit", "fed_sb"]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("privacy-sweep")
+
+
+def sweep(out, epsilons: str) -> int:
+    argv = ["--epsilons", epsilons, "--methods", ",".join(METHODS), "--rounds", "1", "--num-clients", "2",
+            "--output", str(out)]
+    for pair in FAST:
+        argv += ["--set", pair]
+    return privacy_sweep.main(argv)
+
+
+def check_outputs(out, epsilons: list[str]) -> list[dict]:
+    expected = [(m, e) for m in METHODS for e in epsilons]
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == privacy_sweep.COLUMNS
+    assert [(r["method"], r["epsilon"]) for r in rows] == expected
+    for r in rows:
+        for key in ("final_accuracy", "best_accuracy"):
+            assert 0.0 <= float(r[key]) <= 1.0, (r, key)
+        assert float(r["final_accuracy"]) <= float(r["best_accuracy"])
+        assert math.isfinite(float(r["final_loss"])) and float(r["wall_seconds"]) > 0
+        assert int(r["bytes_up_per_round"]) > 0, f"{r['method']} eps={r['epsilon']}: no client update aggregated"
+        if r["epsilon"] == "inf":
+            assert r["epsilon_spent"] == ""
+        summary = json.loads((out / f"{r['method']}-eps{r['epsilon']}" / "summary.json").read_text())
+        assert summary["method"] == r["method"] and summary["rounds"] == 1
+        assert float(r["final_accuracy"]) == pytest.approx(summary["final_accuracy"])
+
+    md = (out / "sweep.md").read_text().splitlines()
+    assert md[0].startswith("| method | epsilon | epsilon spent | final acc")
+    assert md[1].startswith("|---")
+    assert [tuple(c.strip() for c in line.split("|")[1:3]) for line in md[2:]] == expected
+
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    return rows
+
+
+def check_resume(out, epsilons: str, capsys) -> None:
+    cells = [out / f"{m}-eps{e}" / "summary.json" for m in METHODS for e in epsilons.split(",")]
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    before = (out / "sweep.csv").read_text()
+    capsys.readouterr()
+    assert sweep(out, epsilons) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("... reused") == len(cells) and "... running" not in printed
+    assert [c.stat().st_mtime_ns for c in cells] == mtimes
+    assert (out / "sweep.csv").read_text() == before
+
+
+def test_sweep_without_dp(sweep_dir, capsys):
+    assert sweep(sweep_dir, "inf") == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] fedit eps=inf ... running" in printed and "[2/2] fed_sb eps=inf ... final acc" in printed
+    check_outputs(sweep_dir, ["inf"])
+    check_resume(sweep_dir, "inf", capsys)
+    # A cell is reused only for the same config: other rounds or another --set value re-run it.
+    out = sweep_dir / "fedit-epsinf"
+    base = {"num-server-rounds": 1, **privacy_sweep.parse_overrides(FAST)}
+    assert privacy_sweep.finished(out, privacy_sweep.cell_config(base, "fedit", math.inf, out)) is not None
+    for change in ({"num-server-rounds": 2}, {"adapter.rank": 8}, {"seed": 7}):
+        cfg = privacy_sweep.cell_config({**base, **change}, "fedit", math.inf, out)
+        assert privacy_sweep.finished(out, cfg) is None, change
+
+
+def test_sweep_with_dp(sweep_dir, capsys):
+    """Needs DP-SGD in the client (privacy.mode=sample) and the spent epsilon in summary.json."""
+    assert sweep(sweep_dir, "8,inf") == 0
+    rows = check_outputs(sweep_dir, ["8", "inf"])
+    for r in rows:
+        if r["epsilon"] == "8":
+            assert r["epsilon_spent"], f"{r['method']} eps=8: summary.json has no 'epsilon'"
+            assert 0.0 < float(r["epsilon_spent"]) <= 8.0 + 0.1, r
+            run = json.loads((sweep_dir / f"{r['method']}-eps8" / "run.json").read_text())["run_config"]
+            assert run["privacy.mode"] == "sample" and run["privacy.target-epsilon"] == 8.0
+    check_resume(sweep_dir, "8,inf", capsys)
+
+
+def test_bad_epsilons_fail_before_any_cell(tmp_path, capsys):
+    assert privacy_sweep.main(["--epsilons", "3,zero", "--output", str(tmp_path / "s")]) == 2
+    assert "--epsilons" in capsys.readouterr().err
+    assert privacy_sweep.main(["--set", "privacy.mode=none", "--epsilons", "3", "--output", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
