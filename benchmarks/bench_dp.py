@@ -25,7 +25,7 @@ from fedlora.data import load_dataset
 from fedlora.models import load_tokenizer
 from fedlora.privacy import ClientAccountant, dp_session
 from fedlora.task import build_model
-from fedlora.train import _batch, encode
+from fedlora.train import encode, take_batch
 
 MODES = ("lora", "ffa", "sb")
 
@@ -77,7 +77,7 @@ def main() -> None:
                 notes.append(f"skipped model {name!r}: {e}")
                 continue
             enc = encode(tok, texts, args.max_length)
-            batches = [(_batch(enc, torch.arange(i * args.batch_size, (i + 1) * args.batch_size)),
+            batches = [(take_batch(enc, torch.arange(i * args.batch_size, (i + 1) * args.batch_size)),
                         labels[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(rounds)]
             for mode in MODES:
                 for kind in ("plain", "dp"):

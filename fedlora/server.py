@@ -20,8 +20,8 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
 from fedlora.strategy import AllClientsExhausted, LoRAStrategy
-from fedlora.task import _dataset, build_model, encode_dataset, make_aggregator, server_dataset
-from fedlora.train import _batch, evaluate
+from fedlora.task import build_model, cached_dataset, encode_dataset, make_aggregator, server_dataset
+from fedlora.train import evaluate, take_batch
 from fedlora.wire import to_record
 
 log = logging.getLogger("fedlora")
@@ -52,14 +52,14 @@ def lora_sb_gradient_init(cfg: FedLoraConfig, model: torch.nn.Module) -> dict[st
     layers = adapter_layers(model)
     for layer in layers.values():
         layer.base.weight.requires_grad_(True)
-    ds = _dataset(cfg.data.source, "train")
+    ds = cached_dataset(cfg.data.source, "train")
     n = min(cfg.method.sb_init_examples, len(ds))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.run.seed + 17))[:n]
     enc, labels = encode_dataset(cfg, ds.subset(sorted(idx.tolist())))
     model.train()
     for start in range(0, n, cfg.train.batch_size):
         b = torch.arange(start, min(start + cfg.train.batch_size, n))
-        loss = torch.nn.functional.cross_entropy(model(**_batch(enc, b)).logits, labels[b], reduction="sum") / n
+        loss = torch.nn.functional.cross_entropy(model(**take_batch(enc, b)).logits, labels[b], reduction="sum") / n
         loss.backward()
     out: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():

@@ -33,12 +33,13 @@ def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
 
 
 @lru_cache(maxsize=4)
-def _dataset(source: str, split: str) -> TextDataset:
+def cached_dataset(source: str, split: str) -> TextDataset:
+    """One parsed copy per process of each (source, split): clients and server reload it every round."""
     return load_dataset(source, split)
 
 
 def num_labels(cfg: FedLoraConfig) -> int:
-    return _dataset(cfg.data.source, "train").num_labels
+    return cached_dataset(cfg.data.source, "train").num_labels
 
 
 def build_model(cfg: FedLoraConfig, mode: str, rank: int) -> nn.Module:
@@ -53,7 +54,7 @@ def client_dataset(cfg: FedLoraConfig, split: str, partition_id: int, num_partit
     """The examples of ``split`` that the client holding ``partition_id`` owns (same scheme for train/test)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"node config partition-id={partition_id} must be in [0, num-partitions={num_partitions})")
-    ds = _dataset(cfg.data.source, split)
+    ds = cached_dataset(cfg.data.source, split)
     parts = _partitions(cfg.data.source, split, num_partitions, cfg.data.partition, cfg.data.dirichlet_alpha,
                         cfg.run.seed, cfg.data.min_partition_size if split == "train" else 0)
     return ds.subset(parts[partition_id])
@@ -61,13 +62,13 @@ def client_dataset(cfg: FedLoraConfig, split: str, partition_id: int, num_partit
 
 @lru_cache(maxsize=16)
 def _partitions(source: str, split: str, n: int, scheme: str, alpha: float, seed: int, min_size: int):
-    return partition(_dataset(source, split).labels, n, scheme=scheme, alpha=alpha, seed=seed,
+    return partition(cached_dataset(source, split).labels, n, scheme=scheme, alpha=alpha, seed=seed,
                      min_partition_size=min_size)
 
 
 def server_dataset(cfg: FedLoraConfig) -> TextDataset:
     """Held-out test examples for the server's global evaluation (a fixed, seeded subset if capped)."""
-    ds = _dataset(cfg.data.source, "test")
+    ds = cached_dataset(cfg.data.source, "test")
     cap = cfg.data.max_eval_examples
     if cap and len(ds) > cap:
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.run.seed))[:cap]

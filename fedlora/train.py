@@ -15,7 +15,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length:
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def _batch(enc: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def take_batch(enc: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     batch = {k: v[idx] for k, v in enc.items()}
     # Trim padding columns no example in this batch uses: less compute per step, same result.
     width = int(batch["attention_mask"].sum(1).max())
@@ -59,7 +59,7 @@ def train_local(
     losses: list[float] = []
     correct = seen = 0
     for idx in batch_order(len(labels), batch_size, steps, gen):
-        batch = _batch(enc, idx)
+        batch = take_batch(enc, idx)
         logits = model(**batch).logits
         loss = nn.functional.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def evaluate(
     n = len(labels)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        logits = model(**_batch(enc, idx)).logits
+        logits = model(**take_batch(enc, idx)).logits
         total_loss += float(nn.functional.cross_entropy(logits, labels[idx], reduction="sum"))
         correct += int((logits.argmax(-1) == labels[idx]).sum())
     return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1)}

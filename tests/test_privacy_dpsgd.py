@@ -21,7 +21,7 @@ from fedlora.privacy import (
     save_state_file,
     train_local_dp,
 )
-from fedlora.train import _batch
+from fedlora.train import take_batch
 
 TRAINED = {"lora": ("lora_A", "lora_B"), "ffa": ("lora_B",), "sb": ("lora_R",)}
 
@@ -55,7 +55,7 @@ def tiny_data(n: int, seed: int = 0, width: int = 12) -> tuple[dict[str, torch.T
 
 def per_example_grads(model, enc, labels) -> list[dict[str, torch.Tensor]]:
     """Reference: one forward/backward per example, on rows of the batch trimmed as DP-SGD trims it."""
-    batch = _batch(enc, torch.arange(len(labels)))
+    batch = take_batch(enc, torch.arange(len(labels)))
     out = []
     model.train()
     for i in range(len(labels)):
@@ -198,7 +198,7 @@ def test_train_local_dp_touches_only_trainable_tensors_and_leaves_a_plain_model(
     for m in model.modules():
         assert not {"activations", "max_batch_len", "autograd_grad_sample_hooks"} & set(vars(m))
     model.train()
-    loss = torch.nn.functional.cross_entropy(model(**_batch(enc, torch.arange(6))).logits, labels[:6])
+    loss = torch.nn.functional.cross_entropy(model(**take_batch(enc, torch.arange(6))).logits, labels[:6])
     loss.backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (n in expected_trainable), n

@@ -8,8 +8,8 @@ from fedlora import naming
 from fedlora.adapters import adapter_layers
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
-from fedlora.task import _dataset, build_model, encode_dataset, make_aggregator
-from fedlora.train import _batch
+from fedlora.task import build_model, cached_dataset, encode_dataset, make_aggregator
+from fedlora.train import take_batch
 
 
 def _cfg(**kw) -> FedLoraConfig:
@@ -36,11 +36,11 @@ def test_lora_sb_gradient_init_is_the_best_rank_r_approximation_of_one_sign_step
     layers = adapter_layers(model)
     for layer in layers.values():
         layer.base.weight.requires_grad_(True)
-    ds = _dataset("austen", "train")
+    ds = cached_dataset("austen", "train")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.run.seed + 17))[:24]
     enc, labels = encode_dataset(cfg, ds.subset(sorted(idx.tolist())))
     model.train()
-    loss = torch.nn.functional.cross_entropy(model(**_batch(enc, torch.arange(24))).logits, labels)
+    loss = torch.nn.functional.cross_entropy(model(**take_batch(enc, torch.arange(24))).logits, labels)
     loss.backward()
     for path, layer in layers.items():
         target = -cfg.train.lr * torch.sign(layer.base.weight.grad).double()

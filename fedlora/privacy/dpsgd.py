@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedlora.privacy.accountant import ClientAccountant
-from fedlora.train import _batch
+from fedlora.train import take_batch
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # Attributes opacus leaves behind after GradSampleHooks.cleanup() (which removes hooks, grad_sample & co):
@@ -128,7 +128,7 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
 
 def _loss(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(**_batch(enc, idx)).logits
+    logits = model(**take_batch(enc, idx)).logits
     return nn.functional.cross_entropy(logits, labels[idx]), logits
 
 
