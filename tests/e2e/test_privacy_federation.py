@@ -69,3 +69,24 @@ def test_the_accountant_survives_a_supernode_restart(tmp_path):
     n0 = len(client_dataset(cfg, "train", 0, 3))
     assert rows[1]["client_epsilon"]["1000"] == pytest.approx(_eps(n0, 3), abs=1e-6)  # round 3 overall
     assert rows[2]["client_epsilon"]["1000"] == pytest.approx(_eps(n0, 4), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd"])
+def test_dp_sgd_works_with_every_method(method, tmp_path):
+    _, rows, summary = run_local(tmp_path, **{"method.name": method, "num-server-rounds": 1,
+                                              "privacy.mode": "sample", "privacy.target-epsilon": 4.0})
+    assert rows[1]["clients_aggregated"] == 3 and not rows[1]["rejected"]
+    assert len(rows[1]["client_epsilon"]) == 3 and 0 < summary["epsilon"] <= 4.0
+
+
+def test_client_level_dp_clips_noises_and_accounts(tmp_path):
+    """DP-FedAvg on FedSVD: the federation's epsilon grows per round as opacus' RDP at q = 1 (all clients)."""
+    z = 1.5
+    _, rows, _ = run_local(tmp_path, **{"method.name": "fedsvd", "method.weighting": "uniform",
+                                        "privacy.mode": "client", "privacy.noise-multiplier": z,
+                                        "privacy.clip": 0.05, "num-server-rounds": 2})
+    for r in (1, 2):
+        expected = ClientAccountant.from_state(None, "rdp").epsilon_after(1e-5, z, 1.0, r)
+        assert rows[r]["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert rows[r]["update_norm_median"] > 0.05  # the updates really were clipped at this S
+    assert rows[2]["epsilon"] > rows[1]["epsilon"]
