@@ -134,6 +134,10 @@ class Reporter:
         ax2.plot(rounds, [r["train_loss"] for r in self.rows], marker="^", label="client train")
         ax2.set(xlabel="round", ylabel="loss", title="loss")
         ax2.legend()
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         path = self.dir / "metrics.png"
         fig.savefig(path, dpi=100)
