@@ -181,6 +181,7 @@ class LoRAStrategy(Strategy):
                 raise AllClientsExhausted(f"all {self.num_nodes} clients have spent their privacy budget")
             log.warning("round %d: no valid client update; the global state is unchanged", self._round(server_round))
             return None, None
+        updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
         if self.client_dp is not None:
             updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
         self.state = self.agg.aggregate(self.state, updates)
