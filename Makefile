@@ -34,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_linalg.py
 	$(BIN)/python benchmarks/bench_aggregators.py
+	$(BIN)/python benchmarks/bench_dp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
