@@ -173,6 +173,11 @@ class FedLoraConfig:
         for ok, key, fix in checks:
             if not ok:
                 raise ConfigError(f"run-config {key}={self._get(key)!r} {fix}")
+        from fedlora.aggregation import available
+
+        if self.method.name not in available():
+            raise ConfigError(f"run-config method.name={self.method.name!r} is not a known aggregator; "
+                              f"choose one of {available()}")
         p = self.privacy
         if p.mode != "none" and p.noise_multiplier == 0 and p.target_epsilon == 0:
             raise ConfigError(

@@ -160,3 +160,8 @@ def test_pyproject_app_config_is_accepted() -> None:
     back = FedLoraConfig.from_run_config(flat).to_run_config()
     for key, value in flat.items():
         assert back[key] == value, key
+
+
+def test_unknown_method_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"method.name='fedavg'.*fedsvd"):
+        FedLoraConfig.from_run_config({"method.name": "fedavg"})
