@@ -29,15 +29,6 @@ ROLES_TRAINED = {"lora": ("A", "B"), "ffa": ("B",), "sb": ("R",)}
 RANK, ALPHA = 4, 6.0  # scaling 1.5: a wrong formula (alpha, 1/r, alpha*r) shows up
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is fastest, and on a busy CPU a second spinning thread costs 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -24,15 +24,6 @@ RANK, ALPHA = 4, 6.0  # scaling 1.5, not 1: a dropped or doubled scaling shows u
 HIDDEN = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is fastest, and on a busy CPU a second spinning thread costs 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _base() -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
