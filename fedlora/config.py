@@ -96,6 +96,11 @@ class PrivacyConfig:
     accountant: str = field(default="rdp", metadata={"help": "rdp | prv"})
     state_dir: str = field(default="", metadata={"help": "client accountant files survive SuperNode restarts "
                                                          "here ('' = context state only)"})
+    adaptive_clip: bool = field(default=False, metadata={"help": "client mode: clip norm tracks a quantile of "
+                                                                 "update norms (Andrew et al. 2021)"})
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise: float = field(default=0.0, metadata={"help": "sigma_b of the noised count (0 = clients / 20)"})
 
 
 @dataclass
@@ -169,6 +174,11 @@ class FedLoraConfig:
             (0 < self.privacy.delta < 1, "privacy.delta", "must be in (0, 1), e.g. 1e-5"),
             (self.privacy.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 = no budget)"),
             (self.privacy.noise_multiplier >= 0, "privacy.noise-multiplier", "must be >= 0"),
+            (0 < self.privacy.target_quantile < 1, "privacy.target-quantile", "must be in (0, 1)"),
+            (self.privacy.clip_lr > 0, "privacy.clip-lr", "must be > 0"),
+            (self.privacy.count_noise >= 0, "privacy.count-noise", "must be >= 0 (0 = clients / 20)"),
+            (not self.privacy.adaptive_clip or self.privacy.mode == "client", "privacy.adaptive-clip",
+             "applies to privacy.mode='client' only"),
         ]
         for ok, key, fix in checks:
             if not ok:

@@ -59,6 +59,7 @@ class RoundStats:
     client_epsilon: dict[str, float] = field(default_factory=dict)  # node -> epsilon spent (DP-SGD)
     epsilon: float | None = None  # max client epsilon (sample-level) or the federation's (client-level)
     update_norm_median: float | None = None  # client-level DP: median pre-clip update norm (to tune clip)
+    clip: float | None = None  # client-level DP: the clipping norm used this round (moves when adaptive)
     seconds: float = 0.0
 
 
@@ -88,7 +89,7 @@ class LoRAStrategy(Strategy):
         self._t0 = time.perf_counter()
         self.exhausted: set[int] = set()  # nodes whose DP budget is spent: never sampled again
         self.num_nodes = 0
-        self.client_dp = (ClientLevelDP(cfg, (resume_meta or {}).get("client_dp_accountant"))
+        self.client_dp = (ClientLevelDP(cfg, (resume_meta or {}).get("client_dp"))
                           if cfg.privacy.mode == "client" else None)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class LoRAStrategy(Strategy):
         if self.output_dir:
             meta = {"method": self.agg.name}
             if self.client_dp is not None:
-                meta["client_dp_accountant"] = self.client_dp.state_dict()
+                meta["client_dp"] = self.client_dp.state_dict()
             save_checkpoint(self.output_dir, self.state, self._round(server_round), meta)
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
 

@@ -67,3 +67,39 @@ def test_client_level_dp_needs_uniform_weights_and_a_noise_source():
     cfg = FedLoraConfig.from_run_config({"privacy.mode": "client", "privacy.noise-multiplier": 1.0,
                                          "method.weighting": "uniform", "method.name": "fedsvd"})
     assert cfg.privacy.mode == "client"
+
+
+def test_split_noise_keeps_the_total_privacy_cost():
+    from fedlora.privacy.client_level import split_noise
+
+    z, sigma_b = 1.1, 2.0
+    zu = split_noise(z, sigma_b)
+    assert zu > z and zu**-2 + (2 * sigma_b) ** -2 == pytest.approx(z**-2, rel=1e-12)
+    with pytest.raises(ValueError, match="count-noise"):
+        split_noise(3.0, 1.0)
+
+
+def test_adaptive_clipping_tracks_the_target_quantile_of_update_norms():
+    from fedlora.aggregation import ClientUpdate
+    from fedlora.privacy.client_level import ClientLevelDP
+    from fedlora.strategy import RoundStats
+
+    cfg = FedLoraConfig.from_run_config({"privacy.mode": "client", "privacy.noise-multiplier": 5.0,
+                                         "method.weighting": "uniform", "privacy.adaptive-clip": True,
+                                         "privacy.clip": 0.5, "privacy.target-quantile": 0.3})
+    dp = ClientLevelDP(cfg)
+    gen = torch.Generator().manual_seed(3)
+    state = {"w": torch.zeros(8)}
+    for rnd in range(80):
+        norms = torch.rand(100, generator=gen) * 10  # update norms uniform on [0, 10]: 30% quantile = 3
+        updates = []
+        for k, n in enumerate(norms):
+            direction = torch.randn(8, generator=gen)
+            updates.append(ClientUpdate(k, {"w": direction / direction.norm() * n}, 1, 4))
+        stats = RoundStats(rnd + 1, clients_sampled=100)
+        dp.privatise(state, updates, 100, stats)
+        assert stats.clip is not None
+    assert dp.clip == pytest.approx(3.0, abs=0.6)
+    assert dp.state_dict()["clip"] == dp.clip
+    resumed = ClientLevelDP(cfg, dp.state_dict())
+    assert resumed.clip == dp.clip and resumed.accountant.steps == 80

@@ -66,17 +66,27 @@ def privatise_updates(
 
 class ClientLevelDP:
     """The server's DP-FedAvg state: noise multiplier z (given, or derived once from the budget at the client
-    sampling rate q = clients per round / clients), a seeded noise generator, and the accountant (one step
-    per round at (z, q))."""
+    sampling rate q = clients per round / clients), a seeded noise generator, the accountant (one step per
+    round at (z, q)) and the clipping norm.
 
-    def __init__(self, cfg: FedLoraConfig, accountant_state: dict | None = None) -> None:
+    With ``privacy.adaptive-clip`` the norm follows a target quantile of the clients' update norms (Andrew et
+    al. 2021, "Differentially Private Learning with Adaptive Clipping"): each round the fraction b of updates
+    with norm <= S is released with Gaussian noise (std sigma_b / m) and S <- S exp(-lr (b - quantile)). The
+    count is a second Gaussian query on the same clients, so the update noise is raised to
+    z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2): the pair then costs exactly what one query at z costs, and the
+    accountant keeps stepping at z.
+    """
+
+    def __init__(self, cfg: FedLoraConfig, state: dict | None = None) -> None:
         from fedlora.privacy.accountant import ClientAccountant
 
         self.p = cfg.privacy
         self.rounds = cfg.run.num_server_rounds
         self.z = self.p.noise_multiplier or None
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 31 + 4242)
-        self.accountant = ClientAccountant.from_state(accountant_state, self.p.accountant)
+        state = state or {}
+        self.accountant = ClientAccountant.from_state(state.get("accountant"), self.p.accountant)
+        self.clip = float(state.get("clip", self.p.clip))
 
     def noise_multiplier(self, sample_rate: float) -> float:
         if self.z is None:
@@ -86,15 +96,36 @@ class ClientLevelDP:
         return self.z
 
     def privatise(self, state: Mapping[str, torch.Tensor], updates: list, num_nodes: int, stats) -> list:
-        """Clipped, noised copies of this round's updates (uniform weights); steps the accountant."""
+        """Clipped, noised copies of this round's updates (uniform weights); steps the accountant and, when
+        adaptive, moves the clipping norm."""
         q = min(1.0, stats.clients_sampled / max(num_nodes, 1))
         z = self.noise_multiplier(q)
+        m = len(updates)
+        z_update, sigma_b = z, 0.0
+        if self.p.adaptive_clip:
+            sigma_b = self.p.count_noise or m / 20
+            z_update = split_noise(z, sigma_b)
         reference = {k: state[k] for k in updates[0].tensors}
-        uploads, norms = privatise_updates([u.tensors for u in updates], reference, self.p.clip, z, self.generator)
+        clip = self.clip
+        uploads, norms = privatise_updates([u.tensors for u in updates], reference, clip, z_update, self.generator)
+        if self.p.adaptive_clip:
+            below = sum(n <= clip for n in norms) + sigma_b * float(torch.randn((), generator=self.generator))
+            self.clip = clip * math.exp(-self.p.clip_lr * (below / m - self.p.target_quantile))
         self.accountant.step(z, q, 1)
         stats.epsilon = self.accountant.epsilon(self.p.delta)
         stats.update_norm_median = float(torch.tensor(norms).median())
+        stats.clip = clip
         return [dataclasses.replace(u, tensors=t) for u, t in zip(updates, uploads, strict=True)]
 
     def state_dict(self) -> dict:
-        return self.accountant.state_dict()
+        return {"accountant": self.accountant.state_dict(), "clip": self.clip}
+
+
+def split_noise(z: float, sigma_b: float) -> float:
+    """Update noise multiplier when a count query with noise sigma_b shares the budget of one query at z."""
+    rest = z**-2 - (2 * sigma_b) ** -2
+    if rest <= 0:
+        raise ValueError(f"adaptive clipping: count noise sigma_b={sigma_b:g} is too small for the budget of "
+                         f"privacy.noise-multiplier={z:g} (the count alone would cost more); need sigma_b > z / 2 "
+                         f"= {z / 2:g}: raise privacy.count-noise or use more clients per round")
+    return rest**-0.5

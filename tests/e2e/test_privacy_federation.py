@@ -90,3 +90,14 @@ def test_client_level_dp_clips_noises_and_accounts(tmp_path):
         assert rows[r]["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert rows[r]["update_norm_median"] > 0.05  # the updates really were clipped at this S
     assert rows[2]["epsilon"] > rows[1]["epsilon"]
+
+
+def test_adaptive_client_clipping_moves_the_norm_and_resumes_with_it(tmp_path):
+    common = {"method.name": "ffa", "method.weighting": "uniform", "privacy.mode": "client",
+              "privacy.noise-multiplier": 1.0, "privacy.clip": 1e-3, "privacy.adaptive-clip": True,
+              "privacy.count-noise": 2.0}
+    _, rows, _ = run_local(tmp_path, **common, **{"num-server-rounds": 2})
+    assert rows[1]["clip"] == pytest.approx(1e-3)
+    assert rows[2]["clip"] > rows[1]["clip"]  # every update is larger than 1e-3: the norm grows
+    _, rows3, _ = run_local(tmp_path, **common, **{"num-server-rounds": 3, "resume": True})
+    assert rows3[-1]["round"] == 3 and rows3[-1]["clip"] > rows[2]["clip"]
