@@ -83,6 +83,9 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         cfg, agg = setup(context)
         pid, n = _partition(context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
+        rank = cfg.adapter.rank_for(pid)
+        if agg.heterogeneous_ranks and int(msg.content["config"].get("payload-rank", 0)) != rank:
+            payload = agg.client_payload(payload, rank)  # the server sent the global state: cut it to our rank
         privacy_state = load_privacy_state(cfg, context, pid) if cfg.privacy.mode == "sample" else None
         try:
             res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg, privacy_state)

@@ -88,6 +88,7 @@ class LoRAStrategy(Strategy):
         self.stats: dict[int, RoundStats] = {}
         self._t0 = time.perf_counter()
         self.exhausted: set[int] = set()  # nodes whose DP budget is spent: never sampled again
+        self.node_rank: dict[int, int] = {}  # adapter rank each node reported (per-client-rank methods)
         self.num_nodes = 0
         self.client_dp = (ClientLevelDP(cfg, (resume_meta or {}).get("client_dp"))
                           if cfg.privacy.mode == "client" else None)
@@ -114,19 +115,26 @@ class LoRAStrategy(Strategy):
             raise AllClientsExhausted(f"all {len(nodes)} clients have spent their privacy budget")
         return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(eligible, min(k, len(eligible))))
 
-    def _payload_for(self, node_id: int) -> OrderedDict[str, torch.Tensor]:
-        payload = self.agg.client_payload(self.state, self.agg.config.rank)
+    def _payload_for(self, node_id: int, kind: str) -> tuple[OrderedDict[str, torch.Tensor], int]:
+        """What ``node_id`` receives and the rank it was cut for (0 = the full global state).
+
+        Methods with per-client ranks cut the payload to the node's rank once the server has seen it (from
+        the node's first reply); before that the node gets the global state and cuts it itself with the same
+        pure ``client_payload``. Evaluation always uses the global adapter."""
+        rank = self.node_rank.get(node_id, 0) if kind == MessageType.TRAIN and self.agg.heterogeneous_ranks else 0
+        payload = self.agg.client_payload(self.state, rank or self.agg.config.rank)
         if node_id in self.delivered and self.agg.frozen:
             payload = OrderedDict((k, v) for k, v in payload.items()
                                   if not ((s := naming.split(k)) and s[1] in self.agg.frozen))
-        return payload
+        return payload, rank
 
     def _messages(self, nodes: Iterable[int], kind: str, server_round: int, stats: RoundStats) -> list[Message]:
         msgs = []
         for nid in nodes:
-            payload = self._payload_for(nid)
+            payload, rank = self._payload_for(nid, kind)
             config = ConfigRecord({"server-round": self._round(server_round), "method": self.agg.name,
-                                   "has-frozen": bool(self.agg.frozen) and nid not in self.delivered})
+                                   "has-frozen": bool(self.agg.frozen) and nid not in self.delivered,
+                                   "payload-rank": rank})
             msg = Message(RecordDict({"arrays": to_record(payload), "config": config}), dst_node_id=nid,
                           message_type=kind)
             if kind == MessageType.TRAIN:
@@ -167,6 +175,7 @@ class LoRAStrategy(Strategy):
                 log.warning("round %d: rejected update of node %d: %s", self._round(server_round), node, e)
                 continue
             updates.append(update)
+            self.node_rank[node] = update.rank
             m = reply.content["metrics"]
             losses.append((float(m["train_loss"]), update.num_examples))
             if "epsilon" in m:

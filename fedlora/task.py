@@ -29,6 +29,11 @@ def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
     if cfg.adapter.ranks and not agg.heterogeneous_ranks:
         raise ValueError(f"adapter.ranks={cfg.adapter.ranks!r} gives clients different ranks, but method "
                          f"{agg.name!r} needs one rank; use method.name='flora' or clear adapter.ranks")
+    if cfg.adapter.ranks and not agg.fresh_each_round:
+        top = max(int(r) for r in cfg.adapter.ranks.split(","))
+        if top > cfg.adapter.rank:
+            raise ValueError(f"adapter.ranks={cfg.adapter.ranks!r} exceeds adapter.rank={cfg.adapter.rank}: method "
+                             f"{agg.name!r} keeps a global adapter of rank adapter.rank; set it to >= {top}")
     return agg
 
 
