@@ -55,7 +55,7 @@ class MethodConfig:
     weighting: str = field(default="num_examples", metadata={"help": "num_examples | uniform"})
     fair_lambda: float = 0.01
     fair_steps: int = 200
-    fair_lr: float = 1e-2
+    fair_lr: float = field(default=1e-2, metadata={"help": "LoRA-FAIR Adam step, relative to RMS(B_bar)"})
     sb_init: str = field(default="orthogonal", metadata={"help": "Fed-SB factors: orthogonal (seeded) | "
                                                                  "gradient (LoRA-SB, server data)"})
     sb_init_examples: int = 64

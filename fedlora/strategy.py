@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora import naming
 from fedlora.aggregation import Aggregator, ClientUpdate
+from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import save_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.privacy.client_level import ClientLevelDP
@@ -60,6 +61,7 @@ class RoundStats:
     epsilon: float | None = None  # max client epsilon (sample-level) or the federation's (client-level)
     update_norm_median: float | None = None  # client-level DP: median pre-clip update norm (to tune clip)
     clip: float | None = None  # client-level DP: the clipping norm used this round (moves when adaptive)
+    exactness: float | None = None  # ||new global update - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||
     seconds: float = 0.0
 
 
@@ -194,7 +196,8 @@ class LoRAStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
         if self.client_dp is not None:
             updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
-        self.state = self.agg.aggregate(self.state, updates)
+        old, self.state = self.state, self.agg.aggregate(self.state, updates)
+        stats.exactness = exactness_error(self.agg, old, self.state, updates)
         n = sum(w for _, w in losses)
         stats.train_loss = sum(v * w for v, w in losses) / n
         if self.output_dir:

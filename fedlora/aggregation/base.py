@@ -130,6 +130,11 @@ class Aggregator(ABC):
                 shapes[naming.key(layer, role)] = dims[role]
         return shapes
 
+    def global_scaling(self, state: dict[str, torch.Tensor], layer: str) -> float:
+        """Scaling that turns the stored B (R) A of ``layer`` into the global update: alpha / r of the global
+        adapter. Methods that store the update already scaled (FlexLoRA, HetLoRA) return 1."""
+        return self.config.scaling(state[naming.key(layer, "A")].shape[0])
+
     @staticmethod
     def layer_dims(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted layer, read off A/B or FLoRA's merged factors."""

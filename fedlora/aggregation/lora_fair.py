@@ -107,6 +107,9 @@ def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.
     db = torch.zeros_like(objective.b_bar)
     if objective.ideal_norm <= _NEGLIGIBLE * objective.bound:
         return db
+    # Step size relative to the size of B_bar's entries: LoRA B's are ~1e-3 after a few local steps, and an
+    # absolute step of 1e-2 would overshoot on every iteration (leaving the best iterate at dB = 0, i.e. FedIT).
+    lr = config.fair_lr * max(float(objective.b_bar.pow(2).mean().sqrt()), 1e-12)
     m, v = torch.zeros_like(db), torch.zeros_like(db)
     best_db, best_loss, prev = db.clone(), float("inf"), float("nan")
     for step in range(config.fair_steps + 1):
@@ -124,5 +127,5 @@ def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.
         v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
         m_hat = m / (1 - _BETA1 ** (step + 1))
         v_hat = v / (1 - _BETA2 ** (step + 1))
-        db = db - config.fair_lr * m_hat / (v_hat.sqrt() + _EPS)
+        db = db - lr * m_hat / (v_hat.sqrt() + _EPS)
     return best_db
