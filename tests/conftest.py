@@ -11,7 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-METHODS = ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd"]
+METHODS = ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd", "flexlora", "hetlora"]
+HETEROGENEOUS = ("flora", "flexlora", "hetlora")
+RANKS = "2,3,4"  # per-client ranks for the heterogeneous methods (adapter.rank 4 is the global rank)
 
 # Small and quick: 3 clients x 2 rounds x 4 steps of a 2-layer random BERT.
 FAST = {"num-server-rounds": 2, "train.local-steps": 4, "train.lr": 0.002, "train.batch-size": 8, 

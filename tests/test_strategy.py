@@ -20,15 +20,15 @@ from fedlora.server import initial_state
 from fedlora.strategy import LoRAStrategy
 from fedlora.task import make_aggregator
 from fedlora.wire import from_record, logical_bytes, to_record
-from tests.conftest import FAST, METHODS, run_local
+from tests.conftest import FAST, HETEROGENEOUS, METHODS, RANKS, run_local
 
 NODES = 3
 
 
 def _overrides(method: str) -> dict:
     o = {"method.name": method}
-    if method == "flora":
-        o["adapter.ranks"] = "2,4,6"
+    if method in HETEROGENEOUS:
+        o["adapter.ranks"] = RANKS
     return o
 
 

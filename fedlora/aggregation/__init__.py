@@ -5,6 +5,8 @@ Importing this package imports every method module so that :func:`get_aggregator
 
 from __future__ import annotations
 
+import fedlora.aggregation.flexlora  # noqa: F401  (register)
+import fedlora.aggregation.hetlora  # noqa: F401  (register)
 from fedlora.aggregation import fed_sb, fedit, fedsvd, ffa, flora, lora_fair  # noqa: F401  (register)
 from fedlora.aggregation.base import Aggregator, AggregatorConfig, ClientUpdate, available, get_aggregator
 

@@ -15,7 +15,7 @@ import torch
 
 from fedlora import naming
 from fedlora.checkpoint import load_checkpoint
-from tests.conftest import FAST, METHODS
+from tests.conftest import FAST, HETEROGENEOUS, METHODS, RANKS
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -25,8 +25,8 @@ def _cli_args(out: Path, method: str) -> list[str]:
     args = ["run", "--engine", "simulation", "--num-clients", "3", "--method", method, "--output", str(out)]
     for k, v in FAST.items():
         args += ["--set", f"{k}={v}"]
-    if method == "flora":
-        args += ["--set", "adapter.ranks=2,4,6"]
+    if method in HETEROGENEOUS:
+        args += ["--set", f"adapter.ranks={RANKS}"]
     return args
 
 
@@ -48,7 +48,7 @@ def test_ray_simulation(method, tmp_path):
     # The same seed through the in-process grid gives the same global adapter: the runtime changes nothing.
     from tests.conftest import run_local
 
-    overrides = {"method.name": method, **({"adapter.ranks": "2,4,6"} if method == "flora" else {})}
+    overrides = {"method.name": method, **({"adapter.ranks": RANKS} if method in HETEROGENEOUS else {})}
     run_local(tmp_path / "local", **overrides)
     local, _, _ = load_checkpoint(tmp_path / "local")
     adapters = [k for k in state if naming.split(k)]

@@ -10,14 +10,14 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
 from fedlora.task import make_aggregator
-from tests.conftest import METHODS, run_local
+from tests.conftest import HETEROGENEOUS, METHODS, RANKS, run_local
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_learns_and_changes_the_adapter(method, tmp_path):
     overrides = {"method.name": method}
-    if method == "flora":
-        overrides["adapter.ranks"] = "2,4,6"  # heterogeneous ranks are native to FLoRA
+    if method in HETEROGENEOUS:
+        overrides["adapter.ranks"] = RANKS  # per-client ranks: native to FLoRA, FlexLoRA, HetLoRA
     _, rows, summary = run_local(tmp_path, **overrides)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients_aggregated"] == 3 and not r["rejected"] for r in rows[1:])
