@@ -113,6 +113,7 @@ class RunConfig:
     output_dir: str = ""  # "" = runs/<method>-<time>
     timeout: float = 3600.0
     resume: bool = False
+    export_merged: bool = False  # also save base + update merged, loadable with from_pretrained (output/merged)
 
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,

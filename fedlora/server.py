@@ -120,4 +120,8 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     from fedlora.adapters.peft_io import save_peft_adapter
 
     save_peft_adapter(strategy.state, cfg, out / "adapter")
+    if cfg.run.export_merged:
+        from fedlora.export import save_merged_model
+
+        save_merged_model(cfg, agg, strategy.state, out / "merged")
     return summary

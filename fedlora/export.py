@@ -1,0 +1,31 @@
+"""Export the global result as a plain transformers model: base + update merged, saved with save_pretrained.
+
+The peft adapter (``adapter/``) is the small artefact; this is the one to serve without fedlora or peft:
+``AutoModelForSequenceClassification.from_pretrained(folder)``. Every method's state maps onto it (FLoRA's
+merged factors, Fed-SB's B R A, the head), because the adapters are folded into the base weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedlora.adapters import load_adapter_state, merge_adapters
+from fedlora.aggregation import Aggregator
+from fedlora.config import FedLoraConfig
+from fedlora.models import load_tokenizer
+from fedlora.task import build_model
+
+
+def merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(cfg, agg.mode, cfg.adapter.rank)
+    load_adapter_state(model, agg.client_payload(state, cfg.adapter.rank))
+    return merge_adapters(model)
+
+
+def save_merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    folder = Path(folder)
+    merged_model(cfg, agg, state).save_pretrained(folder)
+    load_tokenizer(cfg.model.name).save_pretrained(folder)
+    return folder
