@@ -31,36 +31,14 @@ from collections.abc import Sequence
 import torch
 
 from fedlora import naming
-from fedlora.aggregation.base import Aggregator, ClientUpdate, register
-from fedlora.aggregation.flexlora import _client_factors, _init_global, _truncate
+from fedlora.aggregation.base import ClientUpdate, register
+from fedlora.aggregation.scaled_global import ScaledGlobalLoRA
 
 
 @register
-class HetLoRA(Aggregator):
+class HetLoRA(ScaledGlobalLoRA):
     name = "hetlora"
-    mode = "lora"
-    uploads = ("A", "B")
-    heterogeneous_ranks = True
     norm_weighted: bool = True  # False: plain zero-padding with w_k = p_k
-
-    def check_rank(self, rank: int) -> None:
-        if not 1 <= rank <= self.config.rank:
-            raise ValueError(
-                f"method {self.name!r} keeps a global adapter of rank adapter.rank={self.config.rank}; "
-                f"got client rank {rank}, which must be between 1 and {self.config.rank}"
-            )
-
-    def global_scaling(self, state: dict[str, torch.Tensor], layer: str) -> float:
-        """The stored B_g A_g is the global update itself (scaled space)."""
-        return 1.0
-
-    def init_state(self, init: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-        """Extras as float32; per layer A_g = injected A (r_max, d_in), B_g = 0 (d_out, r_max)."""
-        return _init_global(self, init)
-
-    def client_payload(self, state: dict[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
-        """Extras + ``A_g[:rank]`` and ``B_g[:, :rank] / s_rank`` for every layer (pure in state and rank)."""
-        return _truncate(self, state, rank)
 
     def layer_weights(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], p: Sequence[float]) -> list[float]:
         """w_k for one layer from the clients' scaled factors ``(A_k, s_k B_k)`` and base weights p_k."""
@@ -85,7 +63,7 @@ class HetLoRA(Aggregator):
         for layer, (d_out, d_in) in self.layer_dims(state).items():
             factors = []
             for u in updates:
-                a, b = _client_factors(self, u, layer, d_out, d_in)
+                a, b = self.client_factors(u, layer, d_out, d_in)
                 factors.append((a, self.config.scaling(u.rank) * b))
             w = self.layer_weights(factors, p)
             a_g = torch.zeros(r, d_in, dtype=torch.float64)
