@@ -8,12 +8,9 @@ import torch
 
 from fedlora import naming
 from fedlora.aggregation import AggregatorConfig, ClientUpdate, get_aggregator
+from tests.lowrank_cases import ALPHA, F64, HEAD, SHAPES, ideal_update, random_updates
 
-SHAPES = {"enc.0.q": (64, 48), "enc.1.v": (32, 80)}
-HEAD = "classifier.weight"
-ALPHA = 16.0
 R_MAX = 8
-F64 = torch.float64
 
 
 def _agg(**kw):
@@ -29,25 +26,8 @@ def _init(gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     return init
 
 
-def _updates(gen: torch.Generator, ranks=(2, 4, 8), num_examples=(10, 30, 5)) -> list[ClientUpdate]:
-    out = []
-    for cid, (r, n) in enumerate(zip(ranks, num_examples, strict=True)):
-        t = {HEAD: torch.randn(3, 16, generator=gen)}
-        for layer, (d_out, d_in) in SHAPES.items():
-            t[naming.key(layer, "A")] = torch.randn(r, d_in, generator=gen) / d_in**0.5
-            t[naming.key(layer, "B")] = torch.randn(d_out, r, generator=gen) * 0.1
-        out.append(ClientUpdate(client_id=cid, tensors=t, num_examples=n, rank=r))
-    return out
 
 
-def _ideal(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
-    """Dense sum_k p_k s_k B_k A_k in float64 (p_k = n_k / n)."""
-    total = sum(u.num_examples for u in updates)
-    ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
-    return sum(
-        (u.num_examples / total) * (ALPHA / u.rank) * u.tensors[kb].to(F64) @ u.tensors[ka].to(F64)
-        for u in updates
-    )
 
 
 def _best(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -87,13 +67,13 @@ def test_flexlora_attributes_and_init_state() -> None:
 
 def test_flexlora_global_is_best_rank_rmax_approximation() -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(0))  # sum r_k = 14 > r_max: a real truncation
+    updates = random_updates(torch.Generator().manual_seed(0))  # sum r_k = 14 > r_max: a real truncation
     new = agg.aggregate(agg.init_state(_init()), updates)
     for layer, (d_out, d_in) in SHAPES.items():
         assert new[naming.key(layer, "A")].shape == (R_MAX, d_in)
         assert new[naming.key(layer, "B")].shape == (d_out, R_MAX)
         assert new[naming.key(layer, "A")].dtype == torch.float32
-        ideal = _ideal(updates, layer)
+        ideal = ideal_update(updates, layer)
         _close(_product(new, layer), _best(ideal, R_MAX))
         # and it is a genuine truncation, not the full sum
         assert (_product(new, layer) - ideal).norm() > 1e-3 * ideal.norm()
@@ -106,10 +86,10 @@ def test_flexlora_global_is_best_rank_rmax_approximation() -> None:
 @pytest.mark.parametrize("ranks", [(2, 2, 4), (2, 4)])
 def test_flexlora_global_is_exact_when_total_rank_fits(ranks) -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(1), ranks=ranks, num_examples=(3, 7, 9)[: len(ranks)])
+    updates = random_updates(torch.Generator().manual_seed(1), ranks=ranks, num_examples=(3, 7, 9)[: len(ranks)])
     new = agg.aggregate(agg.init_state(_init()), updates)
     for layer in SHAPES:
-        _close(_product(new, layer), _ideal(updates, layer), tol=1e-5)
+        _close(_product(new, layer), ideal_update(updates, layer), tol=1e-5)
         _orthonormal_rows(new[naming.key(layer, "A")])  # completed with orthonormal rows when sum r_k < r_max
         k = sum(ranks)
         assert torch.all(new[naming.key(layer, "B")][:, k:] == 0)
@@ -117,7 +97,7 @@ def test_flexlora_global_is_exact_when_total_rank_fits(ranks) -> None:
 
 def test_flexlora_payload_is_best_rank_rk_approximation() -> None:
     agg = _agg()
-    state = agg.aggregate(agg.init_state(_init()), _updates(torch.Generator().manual_seed(2)))
+    state = agg.aggregate(agg.init_state(_init()), random_updates(torch.Generator().manual_seed(2)))
     for layer, (d_out, d_in) in SHAPES.items():
         dw = _product(state, layer)
         sigma = torch.linalg.svdvals(dw)
@@ -135,7 +115,7 @@ def test_flexlora_payload_is_best_rank_rk_approximation() -> None:
 
 def test_flexlora_payload_is_pure() -> None:
     agg = _agg()
-    state = agg.aggregate(agg.init_state(_init()), _updates(torch.Generator().manual_seed(3)))
+    state = agg.aggregate(agg.init_state(_init()), random_updates(torch.Generator().manual_seed(3)))
     before = {k: v.clone() for k, v in state.items()}
     first = agg.client_payload(state, 4)
     second = agg.client_payload(state, 4)
@@ -167,21 +147,21 @@ def test_flexlora_check_rank_bounds() -> None:
         agg.client_payload(state, 0)
 
 
-def test_flexlora_rejects_bad_updates() -> None:
+def test_flexlora_rejects_badrandom_updates() -> None:
     agg = _agg()
     state = agg.init_state(_init())
-    updates = _updates(torch.Generator().manual_seed(4))
+    updates = random_updates(torch.Generator().manual_seed(4))
     updates[1].rank = 3
     with pytest.raises(ValueError, match="client 1 .* rank 3"):
         agg.aggregate(state, updates)
-    big = _updates(torch.Generator().manual_seed(5), ranks=(2, 16), num_examples=(1, 1))
+    big = random_updates(torch.Generator().manual_seed(5), ranks=(2, 16), num_examples=(1, 1))
     with pytest.raises(ValueError, match="rank 16"):
         agg.aggregate(state, big)
 
 
 def test_flexlora_product_ignores_client_order() -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(6))
+    updates = random_updates(torch.Generator().manual_seed(6))
     a = agg.aggregate(agg.init_state(_init()), updates)
     b = agg.aggregate(agg.init_state(_init()), updates[::-1])
     for layer in SHAPES:
@@ -192,7 +172,7 @@ def test_flexlora_product_ignores_client_order() -> None:
 def test_flexlora_round_trip_continues_from_truncations() -> None:
     """Clients that send back their payload unchanged reproduce (a truncation of) the global update."""
     agg = _agg()
-    state = agg.aggregate(agg.init_state(_init()), _updates(torch.Generator().manual_seed(7)))
+    state = agg.aggregate(agg.init_state(_init()), random_updates(torch.Generator().manual_seed(7)))
     ranks = (8, 8)
     updates = []
     for cid, r in enumerate(ranks):
@@ -205,7 +185,7 @@ def test_flexlora_round_trip_continues_from_truncations() -> None:
 
 def test_flexlora_uniform_weighting() -> None:
     agg = _agg(weighting="uniform")
-    updates = _updates(torch.Generator().manual_seed(8), ranks=(2, 4), num_examples=(1, 99))
+    updates = random_updates(torch.Generator().manual_seed(8), ranks=(2, 4), num_examples=(1, 99))
     new = agg.aggregate(agg.init_state(_init()), updates)
     for layer in SHAPES:
         ka, kb = naming.key(layer, "A"), naming.key(layer, "B")

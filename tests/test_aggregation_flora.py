@@ -6,12 +6,8 @@ import pytest
 import torch
 
 from fedlora import naming
-from fedlora.aggregation import AggregatorConfig, ClientUpdate, get_aggregator
-
-SHAPES = {"enc.0.q": (64, 48), "enc.1.v": (32, 80)}
-HEAD = "classifier.weight"
-ALPHA = 16.0
-F64 = torch.float64
+from fedlora.aggregation import AggregatorConfig, get_aggregator
+from tests.lowrank_cases import ALPHA, F64, HEAD, SHAPES, ideal_update, random_updates
 
 
 def _agg():
@@ -26,24 +22,8 @@ def _init() -> dict[str, torch.Tensor]:
     return init
 
 
-def _updates(gen: torch.Generator, ranks=(2, 4, 8), num_examples=(10, 30, 5)) -> list[ClientUpdate]:
-    out = []
-    for cid, (r, n) in enumerate(zip(ranks, num_examples, strict=True)):
-        t = {HEAD: torch.randn(3, 16, generator=gen)}
-        for layer, (d_out, d_in) in SHAPES.items():
-            t[naming.key(layer, "A")] = torch.randn(r, d_in, generator=gen) / d_in**0.5
-            t[naming.key(layer, "B")] = torch.randn(d_out, r, generator=gen) * 0.1
-        out.append(ClientUpdate(client_id=cid, tensors=t, num_examples=n, rank=r))
-    return out
 
 
-def _ideal(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
-    total = sum(u.num_examples for u in updates)
-    ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
-    return sum(
-        (u.num_examples / total) * (ALPHA / u.rank) * u.tensors[kb].to(F64) @ u.tensors[ka].to(F64)
-        for u in updates
-    )
 
 
 def _product(state: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
@@ -66,12 +46,12 @@ def test_flora_init_state_holds_empty_merged_factors_and_extras() -> None:
 
 def test_flora_one_round_is_exact_with_heterogeneous_ranks() -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(0))
+    updates = random_updates(torch.Generator().manual_seed(0))
     new = agg.aggregate(agg.init_state(_init()), updates)
     for layer, (d_out, d_in) in SHAPES.items():
         assert new[naming.key(layer, "MA")].shape == (14, d_in)
         assert new[naming.key(layer, "MB")].shape == (d_out, 14)
-        _close(_product(new, layer), _ideal(updates, layer))
+        _close(_product(new, layer), ideal_update(updates, layer))
     total = sum(u.num_examples for u in updates)
     head = sum(u.num_examples / total * u.tensors[HEAD] for u in updates)
     torch.testing.assert_close(new[HEAD], head, atol=1e-6, rtol=1e-6)
@@ -80,15 +60,15 @@ def test_flora_one_round_is_exact_with_heterogeneous_ranks() -> None:
 def test_flora_rounds_accumulate() -> None:
     agg = _agg()
     gen = torch.Generator().manual_seed(1)
-    first, second = _updates(gen), _updates(gen, ranks=(4, 2, 2), num_examples=(1, 1, 8))
+    first, second = random_updates(gen), random_updates(gen, ranks=(4, 2, 2), num_examples=(1, 1, 8))
     state = agg.aggregate(agg.aggregate(agg.init_state(_init()), first), second)
     for layer in SHAPES:
-        _close(_product(state, layer), _ideal(first, layer) + _ideal(second, layer))
+        _close(_product(state, layer), ideal_update(first, layer) + ideal_update(second, layer))
 
 
 def test_flora_product_ignores_client_order() -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(2))
+    updates = random_updates(torch.Generator().manual_seed(2))
     a = agg.aggregate(agg.init_state(_init()), updates)
     b = agg.aggregate(agg.init_state(_init()), updates[::-1])
     for layer in SHAPES:
@@ -102,10 +82,10 @@ def test_flora_recompresses_when_width_outgrows_the_layer() -> None:
     state = agg.init_state(_init())
     ideal = {layer: torch.zeros(d_out, d_in, dtype=F64) for layer, (d_out, d_in) in SHAPES.items()}
     for _ in range(3):  # 32 new columns per round: exceeds min(d) = 48 and 32
-        updates = _updates(gen, ranks=(8, 8, 8, 8), num_examples=(3, 5, 7, 11))
+        updates = random_updates(gen, ranks=(8, 8, 8, 8), num_examples=(3, 5, 7, 11))
         state = agg.aggregate(state, updates)
         for layer, (d_out, d_in) in SHAPES.items():
-            ideal[layer] += _ideal(updates, layer)
+            ideal[layer] += ideal_update(updates, layer)
             m = state[naming.key(layer, "MA")].shape[0]
             assert m <= min(d_out, d_in)
             assert state[naming.key(layer, "MB")].shape == (d_out, m)
@@ -115,7 +95,7 @@ def test_flora_recompresses_when_width_outgrows_the_layer() -> None:
 
 def test_flora_payload_is_merged_factors_for_any_rank() -> None:
     agg = _agg()
-    state = agg.aggregate(agg.init_state(_init()), _updates(torch.Generator().manual_seed(4)))
+    state = agg.aggregate(agg.init_state(_init()), random_updates(torch.Generator().manual_seed(4)))
     for rank in (1, 2, 64):
         assert list(agg.client_payload(state, rank)) == list(state)
     assert agg.fresh_each_round and agg.heterogeneous_ranks and agg.uploads == ("A", "B")
@@ -123,7 +103,7 @@ def test_flora_payload_is_merged_factors_for_any_rank() -> None:
 
 def test_flora_rejects_a_rank_that_does_not_match_the_tensors() -> None:
     agg = _agg()
-    updates = _updates(torch.Generator().manual_seed(5))
+    updates = random_updates(torch.Generator().manual_seed(5))
     updates[1].rank = 3
     with pytest.raises(ValueError, match="client 1 .* rank 3"):
         agg.aggregate(agg.init_state(_init()), updates)
