@@ -62,6 +62,7 @@ class RoundStats:
     update_norm_median: float | None = None  # client-level DP: median pre-clip update norm (to tune clip)
     clip: float | None = None  # client-level DP: the clipping norm used this round (moves when adaptive)
     exactness: float | None = None  # ||new global update - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||
+    aggregate_seconds: float = 0.0  # server time in the aggregator alone (not decoding, checkpointing, eval)
     seconds: float = 0.0
 
 
@@ -196,7 +197,9 @@ class LoRAStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
         if self.client_dp is not None:
             updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
+        t_agg = time.perf_counter()
         old, self.state = self.state, self.agg.aggregate(self.state, updates)
+        stats.aggregate_seconds = time.perf_counter() - t_agg
         stats.exactness = exactness_error(self.agg, old, self.state, updates)
         n = sum(w for _, w in losses)
         stats.train_loss = sum(v * w for v, w in losses) / n
