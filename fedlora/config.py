@@ -48,6 +48,10 @@ class AdapterConfig:
         ranks = [int(r) for r in self.ranks.split(",")]
         return ranks[partition_id % len(ranks)]
 
+    def allowed_ranks(self) -> set[int]:
+        """Every rank a client may declare: adapter.ranks when set, else adapter.rank."""
+        return {int(r) for r in self.ranks.split(",")} if self.ranks else {self.rank}
+
 
 @dataclass
 class MethodConfig:
@@ -111,9 +115,19 @@ class RunConfig:
     min_nodes: int = 2
     seed: int = 42
     output_dir: str = ""  # "" = runs/<method>-<time>
-    timeout: float = 3600.0
+    timeout: float = 3600.0  # seconds the server waits for min-nodes nodes to connect
     resume: bool = False
     export_merged: bool = False  # also save base + update merged, loadable with from_pretrained (output/merged)
+    # Faults: a round needs max(min-fit-clients, ceil(min-fit-fraction * sampled)) valid replies; each
+    # phase (train, federated evaluation) waits at most round-timeout seconds for replies.
+    min_fit_clients: int = 1
+    min_fit_fraction: float = 0.0
+    round_timeout: float = 600.0
+    max_failed_rounds: int = 3  # consecutive rounds below the minimum before the run ends (state kept)
+    # Update validation: L2 norm over all uploaded tensors (0 = no bound), examples a client may claim.
+    max_update_norm: float = 0.0
+    max_num_examples: int = 10_000_000
+    keep_checkpoints: int = 2  # server_state-<round>.safetensors files kept in output-dir
 
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
@@ -155,6 +169,15 @@ class FedLoraConfig:
             (0.0 < self.run.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]"),
             (0.0 <= self.run.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]"),
             (self.run.min_nodes >= 1, "min-nodes", "must be >= 1"),
+            (self.run.min_fit_clients >= 1, "min-fit-clients", "must be >= 1"),
+            (0.0 <= self.run.min_fit_fraction <= 1.0, "min-fit-fraction", "must be in [0, 1]"),
+            (self.run.round_timeout > 0, "round-timeout", "must be > 0 seconds (a vanished client must not stall "
+                                                          "a round forever)"),
+            (self.run.max_failed_rounds >= 1, "max-failed-rounds", "must be >= 1"),
+            (self.run.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)"),
+            (self.run.max_num_examples >= 1, "max-num-examples", "must be >= 1"),
+            (self.run.keep_checkpoints >= 1, "keep-checkpoints", "must be >= 1 (2 lets a torn newest checkpoint "
+                                                                 "fall back to the previous one)"),
             (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
             (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
             (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),

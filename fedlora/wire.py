@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.common.constant import SType
+
+from fedlora import naming
 
 BUDGET_EXHAUSTED = 4201  # Error.code of a train reply from a client that declines: its DP budget is spent
 
@@ -46,24 +51,110 @@ def message_wire_bytes(msg: Message) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
 
 
-def validate_update(
-    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], max_abs: float = 1e6
-) -> None:
-    """Reject an update that is missing tensors, carries unexpected ones (e.g. base weights), has the wrong
-    shapes, or holds NaN/Inf or absurdly large values. Raises :class:`InvalidUpdate` with the reason."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Bounds a client update must respect (run config: max-update-norm, max-num-examples)."""
+
+    max_abs: float = 1e6  # any single value; catches overflowed or adversarial uploads
+    max_norm: float = 0.0  # L2 norm of all uploaded tensors together; 0 = no bound
+    max_num_examples: int = 10_000_000
+
+
+def _check_keys(names: Iterable[str], expected: Mapping[str, tuple[int, ...]]) -> None:
+    names = set(names)
+    missing = sorted(set(expected) - names)
     if missing:
         raise InvalidUpdate(f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    extra = sorted(names - set(expected))
     if extra:
-        raise InvalidUpdate(f"unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''} (only adapter tensors "
-                            "and the head may be uploaded)")
-    for name, shape in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != tuple(shape):
-            raise InvalidUpdate(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        base = [k for k in extra if naming.split(k) is None]
+        if base:
+            raise InvalidUpdate(f"unexpected tensors {base[:3]}{' ...' if len(base) > 3 else ''}: not adapter "
+                                "tensors, they look like base-model weights (only adapter tensors and the head "
+                                "may be uploaded)")
+        raise InvalidUpdate(f"unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}: adapter roles "
+                            "this method does not upload (only adapter tensors and the head may be uploaded)")
+
+
+def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise InvalidUpdate(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected)}")
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor], limits: UpdateLimits) -> None:
+    total = 0.0
+    for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise InvalidUpdate(f"tensor {name!r} contains NaN or Inf")
         peak = float(t.abs().max()) if t.numel() else 0.0
-        if peak > max_abs or math.isnan(peak):
-            raise InvalidUpdate(f"tensor {name!r} has |value| {peak:.3g} > {max_abs:g}")
+        if peak > limits.max_abs or math.isnan(peak):
+            raise InvalidUpdate(f"tensor {name!r} has |value| {peak:.3g} > {limits.max_abs:g}")
+        total += float(t.double().pow(2).sum())
+    norm = math.sqrt(total)
+    if limits.max_norm > 0 and norm > limits.max_norm:
+        raise InvalidUpdate(f"update L2 norm {norm:.4g} (all uploaded tensors) exceeds max-update-norm="
+                            f"{limits.max_norm:g}")
+
+
+def validate_update(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], max_abs: float = 1e6,
+    max_norm: float = 0.0,
+) -> None:
+    """Reject an update that is missing tensors, carries unexpected ones (e.g. base weights), has the wrong
+    shapes, holds NaN/Inf or absurdly large values, or whose L2 norm over all uploaded tensors exceeds
+    ``max_norm`` (0 = no bound). Raises :class:`InvalidUpdate` with the reason."""
+    _check_keys(tensors, expected)
+    for name, shape in expected.items():
+        _check_shape(name, tuple(tensors[name].shape), shape)
+    _check_values(tensors, UpdateLimits(max_abs=max_abs, max_norm=max_norm))
+
+
+def decode_update(
+    record: object, expected: Mapping[str, tuple[int, ...]], limits: UpdateLimits = UpdateLimits()
+) -> OrderedDict[str, torch.Tensor]:
+    """The validated tensors of an uploaded ``ArrayRecord``.
+
+    Names, declared dtype (float32, as :func:`to_record` sends) and declared shapes are checked on the
+    record's metadata before any array is decoded; the decoded arrays are checked again (a crafted Array can
+    declare one dtype/shape and carry another), then their values (:func:`validate_update`)."""
+    if not isinstance(record, ArrayRecord):
+        raise InvalidUpdate(f"'arrays' is a {type(record).__name__}, expected an ArrayRecord")
+    _check_keys(record.keys(), expected)
+    for name, arr in record.items():
+        if arr.stype != SType.NUMPY or arr.dtype != "float32":
+            raise InvalidUpdate(f"tensor {name!r} has dtype {arr.dtype!r} (stype {arr.stype!r}), expected "
+                                "'float32' as fedlora's codec sends")
+        _check_shape(name, tuple(arr.shape), expected[name])
+    tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, arr in record.items():
+        try:
+            values = arr.numpy()
+        except Exception as e:  # noqa: BLE001 (any decoding failure of untrusted bytes is a bad update)
+            raise InvalidUpdate(f"tensor {name!r} cannot be decoded ({e!r})") from None
+        if values.dtype != np.float32:
+            raise InvalidUpdate(f"tensor {name!r} decodes to dtype {values.dtype}, expected float32")
+        tensors[name] = torch.from_numpy(values.copy())
+    validate_update(tensors, expected, limits.max_abs, limits.max_norm)
+    return tensors
+
+
+def check_num_examples(value: object, limits: UpdateLimits = UpdateLimits()) -> int:
+    """num-examples must be a positive int (not a float, not a bool) within max-num-examples."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidUpdate(f"num-examples={value!r} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise InvalidUpdate(f"num-examples={value} must be > 0")
+    if value > limits.max_num_examples:
+        raise InvalidUpdate(f"num-examples={value} exceeds max-num-examples={limits.max_num_examples}")
+    return value
+
+
+def check_rank(value: object, allowed: Collection[int]) -> int:
+    """The declared adapter rank: a whole number in ``allowed`` (the configured adapter.rank / adapter.ranks)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise InvalidUpdate(f"rank={value!r} must be a whole number")
+    rank = int(value)
+    if rank not in allowed:
+        raise InvalidUpdate(f"rank={rank} is not an allowed adapter rank {sorted(allowed)} (adapter.rank / "
+                            "adapter.ranks)")
+    return rank
