@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list aggregation methods").set_defaults(func=cmd_methods)
     sub.add_parser("config", help="print every run-config key and its default").set_defaults(func=cmd_config)
-    from simulations import privacy_sweep  # here, not at the top: simulations imports fedlora.cli
+    from fedlora.deploy.cli import add_commands as add_deploy_commands
 
+    add_deploy_commands(sub)  # certs, node-keys, register-nodes, federation
+    from simulations import compare, privacy_sweep  # here, not at the top: simulations imports fedlora.cli
+
+    compare.add_arguments(sub.add_parser("compare", help="all methods side by side: accuracy, exactness, bytes"))
     privacy_sweep.add_arguments(sub.add_parser("sweep", help="accuracy vs privacy budget: target epsilons x methods"))
     args = p.parse_args(argv)
     handler = logging.StreamHandler()

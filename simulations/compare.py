@@ -1,102 +1,217 @@
-"""Run several aggregation methods on the same model, data, partition and seed; print and save a table and a
-plot (accuracy per round, one line per method).
+"""Every federated LoRA method on the same model, data, partition and seed: accuracy, exactness and bytes.
 
-    python -m simulations.compare --methods fedit,ffa,flora,lora_fair,fed_sb,fedsvd --model minilm --rounds 3
-    python -m simulations.compare --model tiny --rounds 2 --set train.local-steps=4      # a quick look
+    fedlora compare                                  # all methods, tiny random model, a few minutes
+    fedlora compare --real                           # the pretrained MiniLM on the built-in Austen data
+    fedlora compare --methods fedit,fed_sb,fedsvd --partition dirichlet --alpha 0.3 --rounds 5
+    fedlora compare --ranks 2,4,8                    # heterogeneous client ranks for flora/flexlora/hetlora
 
-Each method's run folder (config, metrics, checkpoint) lands under --output; ``compare.md``/``compare.csv``/
-``compare.png`` summarise them. Methods already finished in that folder are not re-run (delete to redo).
+Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
+per-round metrics, checkpoint, adapter). ``compare.md``/``compare.csv`` hold one row per method: final and best
+test accuracy, final test loss, train-message bytes down and up per round and in total, server aggregation
+time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k
+A_k||`` (per round in the CSV, worst round in the table). ``compare.png`` plots test accuracy against the round
+and against the cumulative bytes on the wire, one line per method. Finished methods with the same config are
+reused (delete a method's folder to redo it).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from fedlora.aggregation import available
 from fedlora.cli import parse_overrides, quiet_flower
-from fedlora.config import FedLoraConfig
+from fedlora.config import ConfigError, FedLoraConfig
+from simulations.cells import empty_rounds, finished, metrics, run_method
 
-COLUMNS = ["method", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss", "bytes_down_per_round",
-           "bytes_up_per_round", "wall_seconds"]
+COLUMNS = ["method", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
+           "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
+           "exactness_max", "exactness_per_round", "rounds", "wall_seconds"]
+
+# Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look;
+# MiniLM keeps the config defaults tuned for it (as `make demo`) without federated eval (the server's test
+# accuracy is what the table compares).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"rounds": 3, "num_clients": 4,
+             "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200,
+                           "fraction-evaluate": 0.0}},
+    "minilm": {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}},
+}
+DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}}
 
 
-def run_method(method: str, base: dict, out: Path, num_clients: int) -> dict:
-    from flwr.app import Context, RecordDict
+def method_config(base: dict[str, Any], method: str, out: Path, ranks: str) -> dict[str, Any]:
+    """One method's full, validated run config; ``ranks`` goes only to methods that take per-client ranks."""
+    from fedlora.aggregation import available, get_aggregator
 
-    from client.app import make_client_app
-    from fedlora.localgrid import LocalGrid
-    from server.app import make_server_app
+    if method not in available():
+        raise ConfigError(f"--methods: {method!r} is not a known aggregator; choose from {available()}")
+    cfg = {**base, "method.name": method, "output-dir": str(out)}
+    if ranks and get_aggregator(method).heterogeneous_ranks:
+        cfg["adapter.ranks"] = ranks
+        top = max(int(r) for r in ranks.split(","))
+        cfg["adapter.rank"] = max(top, int(cfg.get("adapter.rank", FedLoraConfig().adapter.rank)))
+    return FedLoraConfig.from_run_config(cfg).to_run_config()
 
-    cfg = FedLoraConfig.from_run_config({**base, "method.name": method, "output-dir": str(out)}).to_run_config()
-    grid = LocalGrid(make_client_app(cfg), num_clients)
-    make_server_app(cfg)(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    return json.loads((out / "summary.json").read_text())
+
+def row(method: str, partition: str, summary: dict, history: list[dict]) -> dict[str, Any]:
+    trained = [r for r in history if r.get("round", 0) > 0]
+    down = [r["bytes_down"] for r in trained]
+    up = [r["bytes_up"] for r in trained]
+    agg_ms = [1000 * r.get("aggregate_seconds", 0.0) for r in trained]
+    exact = [r["exactness"] for r in trained if r.get("exactness") is not None]
+    n = max(1, len(trained))
+    return {"method": method, "partition": partition, "initial_accuracy": summary.get("initial_accuracy"),
+            "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
+            "final_loss": summary.get("final_loss"), "bytes_down_per_round": sum(down) / n,
+            "bytes_up_per_round": sum(up) / n, "bytes_total": sum(down) + sum(up),
+            "aggregate_ms_per_round": sum(agg_ms) / n, "exactness_max": max(exact) if exact else None,
+            "exactness_per_round": ";".join(f"{e:.3e}" for e in exact), "rounds": len(trained),
+            "wall_seconds": summary.get("wall_seconds")}
+
+
+def _f(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _kb(v: float) -> str:
+    return f"{v / 1e3:,.1f} kB" if v < 1e6 else f"{v / 1e6:,.2f} MB"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | acc round 0 | final acc | best acc | final loss | down / round | up / round | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | final acc | best acc | final loss | down / round | up / round | total bytes | "
+             "aggregate ms / round | exactness (worst round) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        down, up = r["bytes_down_per_round"][-1] / 1e3, r["bytes_up_per_round"][-1] / 1e3
-        lines.append(f"| {r['method']} | {r['initial_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
-                     f"{r['best_accuracy']:.3f} | {r['final_loss']:.3f} | {down:,.1f} kB | {up:,.1f} kB "
-                     f"| {r['wall_seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} | "
+                     f"{_f(r['final_loss'])} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
+                     f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
+                     f"{_f(r['exactness_max'], '.1e')} | {_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: Path, root: Path) -> None:
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Accuracy vs round (left) and vs cumulative train bytes, down + up, on a log axis (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        hist = [json.loads(x) for x in (root / r["method"] / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([h["round"] for h in hist], [h["global_accuracy"] for h in hist], marker="o", label=r["method"])
-    ax.set(xlabel="round", ylabel="test accuracy", title="fedlora: methods compared")
-    ax.legend()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, hist in histories.items():
+        rounds = [h["round"] for h in hist]
+        acc = [h["global_accuracy"] for h in hist]
+        (line,) = ax1.plot(rounds, acc, marker="o", label=method)
+        total, xs, ys = 0, [], []
+        for h in hist:
+            if h["round"] > 0:
+                total += h["bytes_down"] + h["bytes_up"]
+                xs.append(total)
+                ys.append(h["global_accuracy"])
+        ax2.plot(xs, ys, marker="o", color=line.get_color(), label=method)
+    ax1.set(xlabel="round", ylabel="test accuracy", title=title)
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_xscale("log")
+    ax2.set(xlabel="cumulative bytes on the wire (train, down + up, log)", ylabel="test accuracy",
+            title="accuracy vs communication")
+    ax1.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(available()))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-clients", type=int, default=4)
-    p.add_argument("--output", default="runs/compare")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The comparison's options on ``p`` (its own parser or a ``fedlora compare`` subparser); sets ``func=run``."""
+    from fedlora.aggregation import available
+
+    p.add_argument("--methods", default=",".join(available()), help="aggregators, comma-separated (default: all)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="tiny", help="tiny | minilm | local model folder")
+    which.add_argument("--real", action="store_true", help="the pretrained MiniLM with its settings")
+    p.add_argument("--data", help="austen (built in) | a local data folder")
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (smaller = more skewed)")
+    p.add_argument("--ranks", default="", help="per-client ranks for flora/flexlora/hetlora, e.g. 2,4,8")
+    p.add_argument("--rounds", type=int, help="server rounds (default: the model's preset)")
+    p.add_argument("--num-clients", type=int, help="clients per federation (default 4)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", default="runs/compare", help="folder for the methods' runs and compare.md/csv/png")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run-config key for every method, e.g. adapter.rank=4")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     quiet_flower()
+    model = "minilm" if args.real else args.model
+    preset = PRESETS.get(model, DEFAULT_PRESET)
+    rounds = args.rounds or preset["rounds"]
+    num_clients = args.num_clients or preset["num_clients"]
+    base: dict[str, Any] = {**preset["overrides"], "model.name": model, "num-server-rounds": rounds,
+                            "data.partition": args.partition, "data.dirichlet-alpha": args.alpha}
+    if args.data:
+        base["data.source"] = args.data
+    if args.seed is not None:
+        base["seed"] = args.seed
+    base.update(parse_overrides(args.set))
     root = Path(args.output)
-    base = {"model.name": args.model, "num-server-rounds": args.rounds, **parse_overrides(args.set)}
-    rows = []
-    for method in args.methods.split(","):
-        out = root / method
-        done = out / "summary.json"
-        if done.exists() and json.loads(done.read_text()).get("rounds") == args.rounds:
-            print(f"{method}: already done, reusing {done}")
-            rows.append(json.loads(done.read_text()))
-            continue
-        t0 = time.perf_counter()
-        rows.append(run_method(method, base, out, args.num_clients))
-        print(f"{method}: {time.perf_counter() - t0:.0f} s")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods is empty; use e.g. 'fedit,fed_sb' or leave it out for all")
+    # Every method's config is validated before the first one runs: a typo fails now, not after an hour.
+    configs = {m: method_config(base, m, root / m, args.ranks) for m in methods}
+    partition = "iid" if base["data.partition"] == "iid" else f"dirichlet({float(base['data.dirichlet-alpha']):g})"
+
+    rows, histories = [], {}
+    for i, method in enumerate(methods, 1):
+        out, cfg = root / method, configs[method]
+        tag = f"[{i}/{len(methods)}] {method}"
+        summary = finished(out, cfg)
+        if summary is not None:
+            print(f"{tag} ... reused {out} (final acc {_f(summary.get('final_accuracy'))})", flush=True)
+        else:
+            print(f"{tag} ... running -> {out}", flush=True)
+            t0 = time.perf_counter()
+            summary = run_method(method, cfg, out, num_clients)
+            print(f"{tag} ... final acc {_f(summary.get('final_accuracy'))} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+        if bad := empty_rounds(out):
+            print(f"{tag} ... WARNING: no client update aggregated in round(s) {bad}; see the 'rejected' reasons "
+                  f"in {out / 'metrics.jsonl'}", flush=True)
+        histories[method] = metrics(out)
+        rows.append(row(method, partition, summary, histories[method]))
+
     md = table(rows)
+    header = (f"model {model}, {num_clients} clients, {rounds} rounds, partition {partition}, seed "
+              f"{configs[methods[0]]['seed']}")
+    print(header)
     print(md)
-    (root / "compare.md").write_text(md + "\n")
-    with open(root / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, root / "compare.png", root)
+    (root / "compare.md").write_text(f"{header}\n\n{md}\n")
+    write_csv(rows, root / "compare.csv")
+    plot(histories, root / "compare.png", f"{model}, {num_clients} clients, {partition}")
+    print(f"compare: {len(methods)} methods -> {root}/compare.{{md,csv,png}}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"compare: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

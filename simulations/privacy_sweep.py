@@ -4,7 +4,7 @@
     python -m simulations.privacy_sweep --real                            # the pretrained MiniLM
     python -m simulations.privacy_sweep --epsilons 2,inf --methods fedit,fedsvd --set privacy.delta=1e-6
 
-Each cell (method, target epsilon) is one in-process federation, as in simulations.compare, with
+Each cell (method, target epsilon) is one in-process federation (simulations.cells), with
 ``privacy.mode=sample`` (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP
 baseline (``privacy.mode=none``). ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead.
 Cell folders land under ``<output>/<method>-eps<eps>/``; ``sweep.csv``/``sweep.md``/``sweep.png`` summarise
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 from fedlora.cli import parse_overrides, quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.compare import run_method
+from simulations.cells import empty_rounds, finished, run_method
 
 COLUMNS = ["method", "epsilon", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_up_per_round", "wall_seconds"]
@@ -38,7 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minilm": {"rounds": 5, "num_clients": 4, "overrides": {}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
-IGNORED_ON_RESUME = ("output-dir", "resume")  # keys that may differ between a finished cell and its re-request
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -76,31 +74,6 @@ def cell_config(base: dict[str, Any], method: str, eps: float, out: Path) -> dic
         privacy = {"privacy.mode": mode, "privacy.target-epsilon": eps}
     cfg = {**base, **privacy, "method.name": method, "output-dir": str(out)}
     return FedLoraConfig.from_run_config(cfg).to_run_config()
-
-
-def finished(out: Path, cfg: dict[str, Any]) -> dict | None:
-    """The cell's summary if it finished with this config (same rounds, same run.json config), else None."""
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if summary.get("rounds") != cfg["num-server-rounds"]:
-        return None
-    try:
-        ran = json.loads((out / "run.json").read_text())["run_config"]
-    except (OSError, ValueError, KeyError):
-        return summary  # an older folder without run.json: the rounds check is all we have
-    same = all(ran.get(k) == v for k, v in cfg.items() if k not in IGNORED_ON_RESUME)
-    return summary if same else None
-
-
-def empty_rounds(out: Path) -> list[int]:
-    """Rounds in which no client update was aggregated (every client failed or was rejected)."""
-    try:
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-    return [r["round"] for r in rows if r.get("round", 0) > 0 and r.get("clients_aggregated") == 0]
 
 
 def row(method: str, eps: float, summary: dict) -> dict[str, Any]:
