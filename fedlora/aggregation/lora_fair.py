@@ -51,6 +51,7 @@ class FairObjective:
 
     With Bt = B_bar + dB: <dW, Bt A_bar> = <P, Bt> where P = sum p_k B_k (A_k A_bar^T) (d_out, r);
     ||Bt A_bar||^2 = tr(Bt^T Bt C), C = A_bar A_bar^T; ||dW||^2 = sum_jk p_j p_k tr((B_j^T B_k)(A_k A_j^T)).
+    Building it costs O(K^2 r^2 (d_out + d_in)) for ||dW|| (two Gram matrices), the rest O(K r^2 d).
     """
 
     def __init__(
@@ -68,14 +69,15 @@ class FairObjective:
         b_s = [b.detach().to(f64) for b in b_s]
         self.b_bar = b_bar.clone()
         self.lam = lam
-        self.p_mat = sum(pk * b @ (a @ a_bar.T) for pk, a, b in zip(p, a_s, b_s, strict=True))
+        # dW = L @ R with L = [p_1 B_1, ..., p_K B_K] (d_out, m) and R = [A_1; ...; A_K] (m, d_in), m = K r.
+        # Two (m, m) Gram matrices give every tr((B_j^T B_k)(A_k A_j^T)) at once: a few large GEMMs instead
+        # of K^2 small products (K = 100 clients: 10^4 Python-level products per layer, ~25x slower).
+        left = torch.cat([pk * b for pk, b in zip(p, b_s, strict=True)], dim=1)
+        right = torch.cat(a_s, dim=0)
+        self.p_mat = left @ (right @ a_bar.T)
         self.c_mat = a_bar @ a_bar.T
-        ww = sum(
-            pj * pk * torch.trace((bj.T @ bk) @ (ak @ aj.T))
-            for pj, aj, bj in zip(p, a_s, b_s, strict=True)
-            for pk, ak, bk in zip(p, a_s, b_s, strict=True)
-        )
-        self.ideal_norm = float(torch.as_tensor(ww).clamp_min(0.0).sqrt())
+        ww = ((left.T @ left) * (right @ right.T)).sum()
+        self.ideal_norm = float(ww.clamp_min(0.0).sqrt())
         # Upper bound on ||dW||: the scale against which "dW is ~0" is judged.
         self.bound = sum(pk * float(b.norm() * a.norm()) for pk, a, b in zip(p, a_s, b_s, strict=True))
 
