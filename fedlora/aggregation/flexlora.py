@@ -54,7 +54,7 @@ class FlexLoRA(ScaledGlobalLoRA):
             scaled = zip(factors, p, updates, strict=True)
             left = torch.cat([pk * self.config.scaling(u.rank) * b for (_, b), pk, u in scaled], dim=1)
             right = torch.cat([a for a, _ in factors], dim=0)
-            u_, s, vh = thin_svd(left, right, dtype=torch.float64)
+            u_, s, vh = thin_svd(left, right, dtype=torch.float64, top=r)
             k = min(r, s.numel())
             b_g = torch.zeros(d_out, r, dtype=torch.float64)
             b_g[:, :k] = u_[:, :k] * s[:k]

@@ -12,13 +12,15 @@ import torch
 
 
 def thin_svd(
-    L: torch.Tensor, Rt: torch.Tensor, dtype: torch.dtype = torch.float32
+    L: torch.Tensor, Rt: torch.Tensor, dtype: torch.dtype = torch.float32, top: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, S, Vh)`` with ``L @ Rt == U @ diag(S) @ Vh``.
 
     L: (d_out, m), Rt: (m, d_in). Returns U (d_out, k) with orthonormal columns, S (k,) descending,
     Vh (k, d_in) with orthonormal rows, k = min(m, d_out, d_in). Orthonormality holds even when the
     product is rank deficient (e.g. all zero): the QR factors are orthonormal by construction.
+    ``top``: keep only the leading ``top`` triplets (exact truncation); the (d, m) x (m, k) products
+    then shrink to k = top columns, which matters when m is large (FlexLoRA: m = sum of client ranks).
     """
     if L.dim() != 2 or Rt.dim() != 2 or L.shape[1] != Rt.shape[0]:
         raise ValueError(
@@ -27,6 +29,8 @@ def thin_svd(
     q_l, r_l = torch.linalg.qr(L.detach().to(torch.float64), mode="reduced")  # (d_out, a), (a, m)
     q_r, r_r = torch.linalg.qr(Rt.detach().to(torch.float64).T, mode="reduced")  # (d_in, b), (b, m)
     u_c, s, vh_c = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # core (a, b); k = min(a, b)
+    if top is not None:
+        u_c, s, vh_c = u_c[:, :top], s[:top], vh_c[:top]
     u = q_l @ u_c
     vh = vh_c @ q_r.T
     return u.to(dtype), s.to(dtype), vh.to(dtype)
