@@ -18,7 +18,7 @@ from fedlora import naming
 from fedlora.aggregation import Aggregator
 from fedlora.client import BudgetExhausted, evaluate_client, fit
 from fedlora.config import FedLoraConfig
-from fedlora.task import make_aggregator
+from fedlora.task import cached_dataset, make_aggregator, node_data
 from fedlora.wire import BUDGET_EXHAUSTED, from_record, to_record
 
 FROZEN_KEY = "fedlora.frozen"
@@ -63,25 +63,29 @@ def _state_file(cfg: FedLoraConfig, partition_id: int) -> Path:
     return Path(cfg.privacy.state_dir).expanduser() / f"accountant-partition-{partition_id}.json"
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def _evaluation_split(cfg: FedLoraConfig, context: Context) -> None:
+    """A SuperNode's own folder may lack a test split: say which node config and which run-config key fix it."""
+    if "data-path" not in context.node_config:
+        return
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as e:
-        raise ValueError(f"node config lacks {e}; start the SuperNode with "
-                         "--node-config 'partition-id=<i> num-partitions=<n>'") from None
+        cached_dataset(cfg.data.source, "test")
+    except ValueError as e:
+        raise ValueError(f"node config data-path={cfg.data.source!r} has no test split for federated evaluation "
+                         f"({e}); add test.jsonl there, or run with fraction-evaluate=0") from None
 
 
 def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
-    def setup(context: Context) -> tuple[FedLoraConfig, Aggregator]:
+    def setup(context: Context) -> tuple[FedLoraConfig, Aggregator, int, int]:
+        """Run config + this node's data (its own data-path, or a partition of data.source) + the method."""
         cfg = FedLoraConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
-        return cfg, make_aggregator(cfg)
+        cfg, pid, n = node_data(cfg, context.node_config, context.node_id)
+        return cfg, make_aggregator(cfg), pid, n
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, agg = setup(context)
-        pid, n = _partition(context)
+        cfg, agg, pid, n = setup(context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
         rank = cfg.adapter.rank_for(pid)
         if agg.heterogeneous_ranks and int(msg.content["config"].get("payload-rank", 0)) != rank:
@@ -98,8 +102,8 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, agg = setup(context)
-        pid, n = _partition(context)
+        cfg, agg, pid, n = setup(context)
+        _evaluation_split(cfg, context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
         res = evaluate_client(cfg, payload, pid, n, agg)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})

@@ -6,7 +6,11 @@ same base model, the same head init and the same partitions without talking to e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,10 +60,16 @@ def build_model(cfg: FedLoraConfig, mode: str, rank: int) -> nn.Module:
 
 
 def client_dataset(cfg: FedLoraConfig, split: str, partition_id: int, num_partitions: int) -> TextDataset:
-    """The examples of ``split`` that the client holding ``partition_id`` owns (same scheme for train/test)."""
+    """The examples of ``split`` that the client holding ``partition_id`` owns (same scheme for train/test).
+
+    ``num_partitions == 1`` means the source is not shared: all of it is this client's (a SuperNode's own
+    data-path in deployment, see ``node_data``); ``partition_id`` then only seeds the client and picks its rank.
+    """
+    ds = cached_dataset(cfg.data.source, split)
+    if num_partitions == 1:
+        return ds
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"node config partition-id={partition_id} must be in [0, num-partitions={num_partitions})")
-    ds = cached_dataset(cfg.data.source, split)
     parts = _partitions(cfg.data.source, split, num_partitions, cfg.data.partition, cfg.data.dirichlet_alpha,
                         cfg.run.seed, cfg.data.min_partition_size if split == "train" else 0)
     return ds.subset(parts[partition_id])
@@ -69,6 +79,31 @@ def client_dataset(cfg: FedLoraConfig, split: str, partition_id: int, num_partit
 def _partitions(source: str, split: str, n: int, scheme: str, alpha: float, seed: int, min_size: int):
     return partition(cached_dataset(source, split).labels, n, scheme=scheme, alpha=alpha, seed=seed,
                      min_partition_size=min_size)
+
+
+def node_data(cfg: FedLoraConfig, node_config: Mapping[str, Any], node_id: int) -> tuple[FedLoraConfig, int, int]:
+    """(config, partition id, number of partitions) of a client, from its SuperNode's node config.
+
+    ``data-path`` (deployment): the node trains on all of its own folder (train split; test split for
+    evaluation), which replaces ``data.source`` for this client; ``partition-id`` is optional and only seeds the
+    client and picks its rank in ``adapter.ranks`` (default: from the node id, which registration fixes).
+    Otherwise (simulation, or one shared file) ``partition-id`` / ``num-partitions`` pick a partition of
+    ``data.source``.
+    """
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"node config data-path={str(path)!r} is not a folder on this SuperNode; start it with "
+                             "--node-config \"data-path='/folder/with/train.jsonl'\" (train.jsonl / train.csv, "
+                             "optional test.* and labels.json, or a save_to_disk folder)")
+        pid = int(node_config.get("partition-id", node_id % (2**31 - 1)))
+        return replace(cfg, data=replace(cfg.data, source=str(path))), pid, 1
+    try:
+        return cfg, int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as e:
+        raise ValueError(f"node config lacks {e}; start the SuperNode with --node-config \"data-path='<folder>'\" "
+                         "(its own data) or 'partition-id=<i> num-partitions=<n>' (a partition of data.source)"
+                         ) from None
 
 
 def server_dataset(cfg: FedLoraConfig) -> TextDataset:
