@@ -1,73 +1,243 @@
-"""Server-side cost of one aggregation round per method, on adapter shapes of real models.
+"""Server-side cost of one aggregation round per method: time and peak memory, at LLaMA-7B adapter shapes.
 
-Why: the server aggregates every adapted layer every round; this shows what each method costs relative to
-FedIT's plain weighted mean (FedSVD's thin SVD, LoRA-FAIR's per-layer solver, FLoRA's stacking), and what
-each client sends up per round, measured in one run on random client updates.
+Why: the server aggregates every adapted layer every round; this shows what each method costs at a real model's
+shapes with 10 and 100 clients (FedSVD's thin SVD, LoRA-FAIR's per-layer solver, FLoRA's stacking, FlexLoRA's
+SVD of the rank-sum product), against the issue's targets, and what the naive dense path (materialise the
+d_out x d_in update, dense SVD) would cost instead for FedSVD and FlexLoRA.
 
-Run: python benchmarks/bench_aggregators.py [--clients 10] [--repeats 3] [--threads 1]
+Every (shape, clients, method) cell runs in a fresh subprocess: inputs are built first, then the resident set's
+high-water mark is reset (/proc/self/clear_refs), so "peak MB" is what the aggregation itself adds on top of its
+inputs (torch's allocator is invisible to tracemalloc). Client updates are random views into one shared
+Gaussian pool (distinct per client), which keeps 100 clients x 64 layers cheap to build; the cost of every
+method depends on the shapes, not on the values (LoRA-FAIR's solver runs its full step budget on them).
+Heterogeneous-rank methods (flora, flexlora, hetlora) get client ranks cycling through --ranks.
+
+The dense SVD of one d x d layer does not depend on the method or the clients: it is timed once per shape in
+its own subprocess (--dense-layers layers, scaled to all layers); materialising dW is timed in each cell.
+
+Run: python benchmarks/bench_aggregators.py [--clients 10,100] [--shapes 7b] [--repeats 3] [--threads 1]
+     python benchmarks/bench_aggregators.py --shapes minilm,bert-base --clients 10   # small shapes
+     python benchmarks/bench_aggregators.py --methods flexlora --ranks 16 --clients 100  # rank sum 1,600
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 from fedlora import naming
 from fedlora.aggregation import AggregatorConfig, ClientUpdate, available, get_aggregator
 
-# (name, adapted layers, d_out = d_in, rank): MiniLM q/v, a BERT-base q/v, a 7B-class q/v.
-SHAPES = [("MiniLM q,v", 12, 384, 8), ("BERT-base q,v", 24, 768, 16), ("7B-class q,v", 64, 4096, 16)]
+# name -> (adapted layers, d_out = d_in, rank): q and v of every transformer block.
+SHAPES = {"minilm": (12, 384, 8), "bert-base": (24, 768, 16), "7b": (64, 4096, 16)}
+# The issue's targets: seconds for one aggregation of 100 clients at 7B shapes.
+TARGET_S = {"flexlora": 60.0}
+DEFAULT_TARGET_S = 10.0
+DENSE = ("fedsvd", "flexlora")  # methods whose naive path is a dense SVD of the materialised update
+POOL = 1 << 25  # floats in the shared Gaussian pool (128 MiB)
 
 
-def make_updates(agg, state, layers, d, r, clients, gen):
+def header(threads: int) -> str:
+    """Machine, date, torch and thread count: the context every benchmark table is printed with."""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", load avg {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return (f"{datetime.date.today()} | {cpu}, {os.cpu_count()} logical CPUs{load} | torch {torch.__version__}, "
+            f"{threads} thread(s) | python {platform.python_version()}")
+
+
+@dataclass
+class Cell:
+    shape: str
+    method: str
+    clients: int
+    ranks: list[int]
+    repeats: int
+    budget_s: float
+    threads: int
+    dense: bool
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current resident set; returns that baseline in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def _ranks_for(agg, cell: Cell, r: int) -> list[int]:
+    """Client ranks: the shape's r, or --ranks cycled and capped at r (r is r_max for FlexLoRA/HetLoRA)."""
+    if not agg.heterogeneous_ranks:
+        return [r] * cell.clients
+    return [min(cell.ranks[k % len(cell.ranks)], r) for k in range(cell.clients)]
+
+
+def build(cell: Cell):
+    """(aggregator, global state, client updates, per-client ranks) for one cell, deterministically."""
+    n_layers, d, r = SHAPES[cell.shape]
+    gen = torch.Generator().manual_seed(0)
+    agg = get_aggregator(cell.method, AggregatorConfig(rank=r, alpha=2 * r))
+    layers = [f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj" for i in range(n_layers)]
+    init = {}
+    for layer in layers:
+        init[naming.key(layer, "A")] = torch.randn(r, d, generator=gen) / d**0.5
+        init[naming.key(layer, "B")] = torch.zeros(d, r)
+    init["classifier.weight"] = torch.randn(6, d, generator=gen) * 0.02
+    state = agg.init_state(init)
+    pool = torch.randn(POOL, generator=gen) * 0.01
+
+    def draw(*shape: int) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        start = int(torch.randint(0, POOL - n, (1,), generator=gen))
+        return pool[start:start + n].view(*shape)
+
+    ranks = _ranks_for(agg, cell, r)
     updates = []
-    for k in range(clients):
+    for k, rk in enumerate(ranks):
         tensors = {}
         for layer in layers:
-            dims = {"A": (r, d), "B": (d, r), "R": (r, r)}
+            dims = {"A": (rk, d), "B": (d, rk), "R": (r, r)}
             for role in agg.uploads:
-                tensors[naming.key(layer, role)] = torch.randn(*dims[role], generator=gen) * 0.01
-        tensors.update({n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in state.items()
-                        if naming.is_extra(n)})
-        updates.append(ClientUpdate(k, tensors, 100 + 10 * k, r))
-    return updates
+                tensors[naming.key(layer, role)] = draw(*dims[role])
+        tensors.update({n: t + draw(*t.shape) for n, t in state.items() if naming.is_extra(n)})
+        updates.append(ClientUpdate(k, tensors, 100 + 10 * k, rk))
+    return agg, state, updates, ranks
+
+
+def materialise(agg, state, updates, layer: str) -> torch.Tensor:
+    """The naive path's first step: the (d_out, d_in) update of one layer as a dense float32 matrix."""
+    p = agg.weights(updates)
+    ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
+    if agg.name == "fedsvd":  # B_bar @ A_prev
+        return agg.weighted_mean([u.tensors[kb] for u in updates], p) @ state[ka]
+    dw = torch.zeros(state[kb].shape[0], state[ka].shape[1])  # FlexLoRA: sum p_k s_k B_k A_k
+    for u, pk in zip(updates, p, strict=True):
+        dw.addmm_(u.tensors[kb], u.tensors[ka], alpha=pk * agg.config.scaling(u.rank))
+    return dw
+
+
+def run_cell(cell: Cell) -> dict:
+    torch.set_num_threads(cell.threads)
+    agg, state, updates, ranks = build(cell)
+    base_kb = _reset_peak()
+    times = []
+    while len(times) < cell.repeats and (not times or sum(times) < cell.budget_s):
+        t0 = time.perf_counter()
+        out = agg.aggregate(state, updates)
+        times.append(time.perf_counter() - t0)
+        if len(times) == 1:
+            peak_kb = _status_kb("VmHWM") - base_kb
+        del out
+    row = {"time_s": statistics.median(times), "runs": len(times), "peak_mb": peak_kb / 1024,
+           "rank_sum": sum(ranks), "materialise_s": None}
+    if cell.dense and cell.method in DENSE:
+        n_layers = SHAPES[cell.shape][0]
+        layer = naming.layers_of(state)[0]
+        t0 = time.perf_counter()
+        materialise(agg, state, updates, layer)
+        row["materialise_s"] = (time.perf_counter() - t0) * n_layers
+    return row
+
+
+def run_dense_svd(shape: str, layers: int, threads: int) -> dict:
+    """Seconds for a dense float32 SVD of every layer's d x d update, from ``layers`` measured layers."""
+    torch.set_num_threads(threads)
+    n_layers, d, _ = SHAPES[shape]
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for _ in range(layers):
+        m = torch.randn(d, d, generator=gen)
+        t0 = time.perf_counter()
+        torch.linalg.svd(m, full_matrices=False)
+        times.append(time.perf_counter() - t0)
+    return {"svd_s": statistics.median(times) * n_layers, "per_layer_s": statistics.median(times)}
+
+
+def subprocess_json(argv: list[str]) -> dict:
+    """Run this script on one cell in a fresh interpreter (own memory high-water mark); return its JSON."""
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cell {argv} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", default="10,100", help="comma-separated client counts")
+    p.add_argument("--shapes", default="7b", help=f"comma-separated, from {sorted(SHAPES)}")
+    p.add_argument("--methods", default=",".join(available()))
+    p.add_argument("--ranks", default="4,8,16", help="client ranks, cycled, for flora/flexlora/hetlora")
+    p.add_argument("--repeats", type=int, default=3, help="timed aggregations per cell (median)")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="stop repeating a cell once its runs took this many seconds")
+    p.add_argument("--dense-layers", type=int, default=1, help="layers the dense SVD is timed on (0: skip)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: JSON Cell, run in this subprocess
+    p.add_argument("--dense-cell", help=argparse.SUPPRESS)  # internal: shape for the dense SVD
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clients} clients, median of {args.repeats}")
-    print(f"{'shape':16s} {'method':10s} {'aggregate (ms)':>15s} {'vs fedit':>9s} {'up/client (MB)':>15s}")
-    for label, n_layers, d, r in SHAPES:
-        layers = [f"layer.{i}.attn.q" for i in range(n_layers)]
-        base_ms = None
-        for name in ["fedit"] + [m for m in available() if m != "fedit"]:
-            agg = get_aggregator(name, AggregatorConfig(rank=r, alpha=2 * r, fair_steps=100))
-            init = {}
-            for layer in layers:
-                init[naming.key(layer, "A")] = torch.randn(r, d, generator=gen) / d**0.5
-                init[naming.key(layer, "B")] = torch.zeros(d, r)
-            init["classifier.weight"] = torch.randn(6, d, generator=gen) * 0.02
-            state = agg.init_state(init)
-            updates = make_updates(agg, state, layers, d, r, args.clients, gen)
-            agg.aggregate(state, updates)  # warm-up
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                agg.aggregate(state, updates)
-                times.append(time.perf_counter() - t0)
-            ms = 1000 * statistics.median(times)
-            base_ms = base_ms or ms
-            up = sum(t.numel() * 4 for t in updates[0].tensors.values()) / 1e6
-            print(f"{label:16s} {name:10s} {ms:15.1f} {ms / base_ms:8.1f}x {up:15.3f}")
+    if args.cell:
+        print(json.dumps(run_cell(Cell(**json.loads(args.cell)))))
+        return
+    if args.dense_cell:
+        print(json.dumps(run_dense_svd(args.dense_cell, args.dense_layers, args.threads)))
+        return
+    clients = [int(c) for c in args.clients.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(available())
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {available()}")
+    print(header(args.threads))
+    print(f"one aggregation round, median of up to {args.repeats} runs (fewer once a cell took {args.budget:.0f} s); "
+          f"heterogeneous ranks cycle {ranks}; peak = resident-set growth during the aggregation")
+    cols = (f"{'shape':9s} {'clients':>7s} {'method':10s} {'rank sum':>8s} {'time (s)':>9s} {'runs':>4s} "
+            f"{'peak MB':>8s} {'target':>7s} {'ok':>4s} {'dense (s)':>10s} {'dense/thin':>10s}")
+    for shape in args.shapes.split(","):
+        n_layers, d, r = SHAPES[shape]
+        dense_svd = None
+        if args.dense_layers > 0 and any(m in DENSE for m in methods):
+            dense_svd = subprocess_json(["--dense-cell", shape, "--dense-layers", str(args.dense_layers),
+                                         "--threads", str(args.threads)])
+            print(f"\n{shape}: {n_layers} layers of {d} x {d}, r = {r}; dense float32 SVD of one {d} x {d} layer "
+                  f"{dense_svd['per_layer_s']:.1f} s (median of {args.dense_layers}) -> "
+                  f"{dense_svd['svd_s']:.0f} s for {n_layers} layers")
+        else:
+            print(f"\n{shape}: {n_layers} layers of {d} x {d}, r = {r}")
+        print(cols)
+        for k in clients:
+            for method in methods:
+                cell = Cell(shape, method, k, ranks, args.repeats, args.budget, args.threads,
+                            dense=dense_svd is not None)
+                row = subprocess_json(["--cell", json.dumps(asdict(cell))])
+                target = TARGET_S.get(method, DEFAULT_TARGET_S)
+                ok = "PASS" if row["time_s"] < target else "FAIL"
+                dense, ratio = "-", "-"
+                if row["materialise_s"] is not None:
+                    dense_s = row["materialise_s"] + dense_svd["svd_s"]
+                    dense, ratio = f"{dense_s:.0f}", f"{dense_s / row['time_s']:.0f}x"
+                print(f"{shape:9s} {k:7d} {method:10s} {row['rank_sum']:8d} {row['time_s']:9.3f} {row['runs']:4d} "
+                      f"{row['peak_mb']:8.0f} {target:6.0f}s {ok:>4s} {dense:>10s} {ratio:>10s}", flush=True)
+    print("\ntarget: the issue's bound for 100 clients at 7B shapes (FlexLoRA 60 s, every other method 10 s); "
+          "dense = materialise dW per layer + dense SVD, scaled to all layers.")
 
 
 if __name__ == "__main__":
