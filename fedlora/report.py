@@ -2,7 +2,8 @@
 
 Everything a reader needs to reproduce or compare a run lands in its output folder:
 ``run.json`` (config, seed, versions, machine), ``metrics.jsonl`` (one line per round),
-``metrics.png`` (accuracy and loss per round), ``server_state.safetensors`` (checkpoint), ``summary.json``.
+``metrics.png`` (accuracy and loss per round), ``server_state-<round>.safetensors`` (the last
+keep-checkpoints checkpoints), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,14 +50,20 @@ class Reporter:
         self.rows: list[dict[str, Any]] = []
         self.t_start = time.perf_counter()
 
-    def start(self, extra: dict[str, Any] | None = None, keep_history: bool = False) -> None:
-        """Write run.json; start metrics.jsonl afresh, or keep its rows when resuming a run."""
+    def start(self, extra: dict[str, Any] | None = None, keep_history: bool = False,
+              history: list[dict[str, Any]] | None = None) -> None:
+        """Write run.json; start metrics.jsonl afresh, or keep its rows when resuming a run: ``history`` (the
+        rows saved in the checkpoint resumed from, which rewrite metrics.jsonl: rows of rounds after that
+        checkpoint are dropped) or else the file's own rows."""
         info = {"config": self.cfg.to_dict(), "run_config": self.cfg.to_run_config(), "seed": self.cfg.run.seed,
                 "versions": versions(), "platform": platform.platform(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **(extra or {})}
         (self.dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
         metrics = self.dir / "metrics.jsonl"
-        if keep_history and metrics.exists():
+        if keep_history and history is not None:
+            self.rows = [dict(r) for r in history]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        elif keep_history and metrics.exists():
             self.rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         else:
             metrics.write_text("")
@@ -89,6 +96,8 @@ class Reporter:
             parts.append(f"eps {row['epsilon']:.2f}")
         if row["rejected"]:
             parts.append(f"rejected {len(row['rejected'])}")
+        if row.get("failed"):
+            parts.append(f"failed {len(row['failed'])}")
         if row.get("exhausted"):
             parts.append(f"budget spent {len(row['exhausted'])}")
         return " | ".join(parts)

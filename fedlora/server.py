@@ -16,10 +16,10 @@ from fedlora import naming
 from fedlora.adapters import adapter_layers, adapter_state, load_adapter_state
 from fedlora.aggregation import Aggregator
 from fedlora.aggregation.fed_sb import sb_factors_from_gradient
-from fedlora.checkpoint import load_checkpoint
+from fedlora.checkpoint import has_checkpoint, load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
-from fedlora.strategy import AllClientsExhausted, LoRAStrategy
+from fedlora.strategy import LoRAStrategy, StopRun
 from fedlora.task import build_model, cached_dataset, encode_dataset, make_aggregator, server_dataset
 from fedlora.train import evaluate, take_batch
 from fedlora.wire import to_record
@@ -88,9 +88,9 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     agg = make_aggregator(cfg)
     out = output_dir(cfg)
     offset, meta = 0, {}
-    resuming = cfg.run.resume and (out / "server_state.safetensors").exists()
+    resuming = cfg.run.resume and has_checkpoint(out)
     if resuming:
-        state, offset, meta = load_checkpoint(out)
+        state, offset, meta = load_checkpoint(out)  # the newest intact one (a torn file is skipped)
         if meta.get("method") != agg.name:
             raise ValueError(f"resume=true: the checkpoint in {out} is from method {meta.get('method')!r}, not "
                              f"{agg.name!r}; use another output-dir or the same method.name")
@@ -99,22 +99,19 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
         state = initial_state(cfg, agg)
     remaining = cfg.run.num_server_rounds - offset
     reporter = Reporter(cfg, out, printer)
-    reporter.start({"resumed_from_round": offset}, keep_history=resuming)
+    reporter.start({"resumed_from_round": offset}, keep_history=resuming, history=meta.get("history"))
     evaluate_state = global_evaluator(cfg, agg)
     strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out), resume_meta=meta,
                             on_round_end=lambda stats, _state: reporter.round(stats))
 
-    def evaluate_fn(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
-        metrics = evaluate_state(strategy.state)
-        if server_round > 0 or offset == 0:
-            strategy.finish_round(server_round, metrics)
-        return MetricRecord(metrics)
+    def evaluate_fn(_server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+        return MetricRecord(evaluate_state(strategy.state))  # the strategy closes (reports, checkpoints) the round
 
     if remaining > 0:
         try:
-            strategy.start(grid, to_record(state), num_rounds=remaining, timeout=cfg.run.timeout,
+            strategy.start(grid, to_record(state), num_rounds=remaining, timeout=cfg.run.round_timeout,
                            evaluate_fn=evaluate_fn)
-        except AllClientsExhausted as e:
+        except StopRun as e:
             printer(f"stopping early: {e}; the last global state is kept")
     summary = reporter.finish()
     from fedlora.adapters.peft_io import save_peft_adapter

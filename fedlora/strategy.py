@@ -3,11 +3,18 @@
 Per round it sends each sampled node its method payload (frozen factors only once per node), decodes and
 validates the replies (a bad update is dropped with a logged reason; the round goes on with the rest),
 lets the aggregator compute the new global state, checkpoints it atomically, and counts bytes exactly.
+
+Faults: a node that raises, does not reply within ``round-timeout`` or vanishes is logged by name in the
+round's ``failed`` list. A round with fewer valid updates than max(min-fit-clients, ceil(min-fit-fraction *
+sampled)) leaves the global state unchanged; ``max-failed-rounds`` such rounds in a row end the run cleanly.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -17,22 +24,26 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedlora import naming
 from fedlora.aggregation import Aggregator, ClientUpdate
 from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import save_checkpoint
+from fedlora.client import round_seed
 from fedlora.config import FedLoraConfig
 from fedlora.privacy.client_level import ClientLevelDP
 from fedlora.wire import (
     BUDGET_EXHAUSTED,
     InvalidUpdate,
-    from_record,
+    UpdateLimits,
+    check_num_examples,
+    check_rank,
+    decode_update,
     logical_bytes,
     message_wire_bytes,
+    record_logical_bytes,
     to_record,
-    validate_update,
 )
 
 log = logging.getLogger("fedlora")
@@ -45,7 +56,9 @@ class RoundStats:
     round: int
     clients_sampled: int = 0
     clients_aggregated: int = 0
-    rejected: list[str] = field(default_factory=list)
+    clients_required: int = 0  # max(min-fit-clients, ceil(min-fit-fraction * sampled)): fewer = failed round
+    rejected: list[str] = field(default_factory=list)  # "node <id>: <why its update was invalid>"
+    failed: list[str] = field(default_factory=list)  # "node <id>: <client error | no reply within ...>"
     bytes_down: int = 0
     bytes_up: int = 0
     wire_bytes_down: int = 0
@@ -66,8 +79,23 @@ class RoundStats:
     seconds: float = 0.0
 
 
-class AllClientsExhausted(RuntimeError):
+class StopRun(RuntimeError):
+    """The run cannot usefully go on: it ends cleanly, keeping (and exporting) the last good global state."""
+
+
+class AllClientsExhausted(StopRun):
     """Every client has spent its privacy budget: the run ends here, cleanly."""
+
+
+class TooManyFailedRounds(StopRun):
+    """max-failed-rounds consecutive rounds got fewer valid updates than the minimum."""
+
+
+@dataclass
+class _Reply:
+    update: ClientUpdate
+    loss: float
+    epsilon: float | None
 
 
 class LoRAStrategy(Strategy):
@@ -93,8 +121,44 @@ class LoRAStrategy(Strategy):
         self.exhausted: set[int] = set()  # nodes whose DP budget is spent: never sampled again
         self.node_rank: dict[int, int] = {}  # adapter rank each node reported (per-client-rank methods)
         self.num_nodes = 0
-        self.client_dp = (ClientLevelDP(cfg, (resume_meta or {}).get("client_dp"))
-                          if cfg.privacy.mode == "client" else None)
+        self.limits = UpdateLimits(max_norm=cfg.run.max_update_norm, max_num_examples=cfg.run.max_num_examples)
+        self.failed_rounds = 0  # consecutive rounds below the minimum of valid updates
+        self.history: list[dict] = []  # metrics.jsonl rows so far (checkpointed, restored on resume)
+        self._sent: dict[int, list[tuple[Message, int]]] = {}  # train messages of a round and their node
+        meta = resume_meta or {}
+        self.client_dp = ClientLevelDP(cfg, meta.get("client_dp")) if cfg.privacy.mode == "client" else None
+        self._restore(meta)
+
+    # -- checkpointed state ----------------------------------------------------------------------------
+    def _restore(self, meta: dict) -> None:
+        """Per-node knowledge, counters, history and DP noise state from a checkpoint's metadata. The
+        delivered set is not restored: frozen factors are simply sent again (clients re-cache them)."""
+        self.exhausted = {int(n) for n in meta.get("exhausted", [])}
+        self.node_rank = {int(n): int(r) for n, r in meta.get("node_rank", {}).items()}
+        self.failed_rounds = int(meta.get("failed_rounds", 0))
+        self.history = list(meta.get("history", []))
+        noise = meta.get("client_dp", {}).get("generator")
+        if self.client_dp is not None and noise:
+            self.client_dp.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(noise)), dtype=torch.uint8))
+
+    def checkpoint_meta(self, server_round: int) -> dict:
+        """Everything besides the tensors that the next round depends on, plus the history so far."""
+        seed = self.cfg.run.seed
+        meta = {
+            "method": self.agg.name,
+            "rng": {"seed": seed, "rule": "train sample: random.Random(seed*7919 + round); evaluate sample: "
+                    "round + 100000; client: fedlora.client.round_seed(seed, round, partition)",
+                    "next_train_sample_seed": seed * 7919 + server_round + 1,
+                    "next_client_seed_partition_0": round_seed(seed, server_round + 1, 0)},
+            "history": self.history,
+            "node_rank": {str(n): r for n, r in sorted(self.node_rank.items())},
+            "exhausted": sorted(self.exhausted),
+            "failed_rounds": self.failed_rounds,
+        }
+        if self.client_dp is not None:
+            gen = base64.b64encode(self.client_dp.generator.get_state().numpy().tobytes()).decode()
+            meta["client_dp"] = {**self.client_dp.state_dict(), "generator": gen}
+        return meta
 
     # -- helpers -------------------------------------------------------------------------------------
     def _round(self, server_round: int) -> int:
@@ -155,45 +219,72 @@ class LoRAStrategy(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
         nodes = self._sample(grid, self.cfg.run.fraction_train, self._round(server_round))
         stats.clients_sampled = len(nodes)
-        return self._messages(nodes, MessageType.TRAIN, server_round, stats)
+        run = self.cfg.run
+        stats.clients_required = max(run.min_fit_clients, math.ceil(run.min_fit_fraction * len(nodes)))
+        if stats.clients_required > len(nodes):
+            raise StopRun(f"round {self._round(server_round)} needs {stats.clients_required} valid updates "
+                          f"(min-fit-clients={run.min_fit_clients}, min-fit-fraction={run.min_fit_fraction:g}) but "
+                          f"only {len(nodes)} clients can be sampled ({self.num_nodes} connected, "
+                          f"{len(self.exhausted)} out of budget, fraction-train={run.fraction_train:g}); lower "
+                          "min-fit-clients or connect more nodes (min-nodes)")
+        msgs = self._messages(nodes, MessageType.TRAIN, server_round, stats)
+        self._sent[server_round] = list(zip(msgs, nodes, strict=True))
+        return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats[server_round]
-        updates: list[ClientUpdate] = []
-        losses: list[tuple[float, int]] = []
+        rnd = self._round(server_round)
+        sent = self._sent.pop(server_round, [])
+        # Replies are matched to the message they answer: an error the SuperLink makes for a vanished node
+        # comes from the SuperLink, not from that node.
+        node_of = {m.metadata.message_id: nid for m, nid in sent}
+        replied: set[int] = set()
+        good: list[_Reply] = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            replied.add(node)
             if reply.has_error() and reply.error.code == BUDGET_EXHAUSTED:
                 self.exhausted.add(node)
                 stats.exhausted.append(f"node {node}: {reply.error.reason}")
-                log.warning("round %d: node %d did not train: %s", self._round(server_round), node, reply.error.reason)
+                log.warning("round %d: node %d did not train: %s", rnd, node, reply.error.reason)
+                continue
+            if reply.has_error():
+                self._fail(stats, node, f"client error (code {reply.error.code}): {reply.error.reason}")
                 continue
             try:
-                update = self._decode(reply, stats)
+                r = self._decode(reply, node, stats)
             except InvalidUpdate as e:
                 # Resend the frozen factors next time: a failed node may have lost its cached copy (restart).
                 self.delivered.discard(node)
                 stats.rejected.append(f"node {node}: {e}")
-                log.warning("round %d: rejected update of node %d: %s", self._round(server_round), node, e)
+                log.warning("round %d: rejected update of node %d: %s", rnd, node, e)
                 continue
-            updates.append(update)
-            self.node_rank[node] = update.rank
-            m = reply.content["metrics"]
-            losses.append((float(m["train_loss"]), update.num_examples))
-            if "epsilon" in m:
-                stats.client_epsilon[str(node)] = float(m["epsilon"])
-                log.info("round %d: node %d has spent epsilon %.3f", self._round(server_round), node, m["epsilon"])
+            good.append(r)
+            self.node_rank[node] = r.update.rank
+            if r.epsilon is not None:
+                stats.client_epsilon[str(node)] = r.epsilon
+                log.info("round %d: node %d has spent epsilon %.3f", rnd, node, r.epsilon)
             if self.agg.frozen:
                 self.delivered.add(node)
+        for node in sorted({nid for _, nid in sent} - replied):
+            self._fail(stats, node, f"no reply within round-timeout={self.cfg.run.round_timeout:g} s "
+                                    "(node vanished, crashed or too slow)")
+        updates = [r.update for r in good]
         stats.clients_aggregated = len(updates)
         if stats.client_epsilon:
             stats.epsilon = max(stats.client_epsilon.values())
-        if not updates:
-            if self.num_nodes and len(self.exhausted) >= self.num_nodes:
+        if len(updates) < max(1, stats.clients_required):
+            if not updates and self.num_nodes and len(self.exhausted) >= self.num_nodes:
                 raise AllClientsExhausted(f"all {self.num_nodes} clients have spent their privacy budget")
-            log.warning("round %d: no valid client update; the global state is unchanged", self._round(server_round))
+            self.failed_rounds += 1
+            log.warning("round %d failed: %d valid client update(s), the minimum is %d (min-fit-clients=%d, "
+                        "min-fit-fraction=%g of %d sampled); the global state is unchanged (%d/%d consecutive "
+                        "failed rounds, max-failed-rounds)", rnd, len(updates), max(1, stats.clients_required),
+                        self.cfg.run.min_fit_clients, self.cfg.run.min_fit_fraction, stats.clients_sampled,
+                        self.failed_rounds, self.cfg.run.max_failed_rounds)
             return None, None
+        self.failed_rounds = 0
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
         if self.client_dp is not None:
             updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
@@ -201,36 +292,39 @@ class LoRAStrategy(Strategy):
         old, self.state = self.state, self.agg.aggregate(self.state, updates)
         stats.aggregate_seconds = time.perf_counter() - t_agg
         stats.exactness = exactness_error(self.agg, old, self.state, updates)
-        n = sum(w for _, w in losses)
-        stats.train_loss = sum(v * w for v, w in losses) / n
-        if self.output_dir:
-            meta = {"method": self.agg.name}
-            if self.client_dp is not None:
-                meta["client_dp"] = self.client_dp.state_dict()
-            save_checkpoint(self.output_dir, self.state, self._round(server_round), meta)
+        n = sum(r.update.num_examples for r in good)
+        stats.train_loss = sum(r.loss * r.update.num_examples for r in good) / n
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
 
-    def _decode(self, reply: Message, stats: RoundStats) -> ClientUpdate:
-        if reply.has_error():
-            raise InvalidUpdate(f"client error: {reply.error.reason}")
+    def _fail(self, stats: RoundStats, node: int, why: str) -> None:
+        self.delivered.discard(node)  # it may have lost (or never got) the frozen factors: resend them
+        stats.failed.append(f"node {node}: {why}")
+        log.warning("round %d: node %d failed: %s", stats.round, node, why)
+
+    def _decode(self, reply: Message, node: int, stats: RoundStats) -> _Reply:
+        """The validated update of one reply; :class:`InvalidUpdate` says why it cannot be aggregated."""
         try:
-            tensors = from_record(reply.content["arrays"])
+            record = reply.content["arrays"]
             metrics = reply.content["metrics"]
-            n, rank = int(metrics["num-examples"]), int(metrics["rank"])
-        except (KeyError, TypeError, ValueError) as e:
+            raw_n, raw_rank, loss = metrics["num-examples"], metrics["rank"], float(metrics["train_loss"])
+            epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidUpdate(
-                f"malformed reply ({e!r}); expected 'arrays' and 'metrics' with num-examples, rank"
+                f"malformed reply ({e!r}); expected 'arrays' and 'metrics' with num-examples, rank, train_loss"
             ) from None
-        stats.bytes_up += logical_bytes(tensors)
-        stats.wire_bytes_up += message_wire_bytes(reply)
-        if n <= 0:
-            raise InvalidUpdate(f"num-examples={n} must be > 0")
+        if isinstance(record, ArrayRecord):
+            stats.bytes_up += record_logical_bytes(record)
+            stats.wire_bytes_up += message_wire_bytes(reply)
+        if not math.isfinite(loss):
+            raise InvalidUpdate(f"train_loss={loss} is not finite")
+        n = check_num_examples(raw_n, self.limits)
+        rank = check_rank(raw_rank, self.cfg.adapter.allowed_ranks())
         try:
             self.agg.check_rank(rank)
         except ValueError as e:
             raise InvalidUpdate(str(e)) from None
-        validate_update(tensors, self.agg.expected_upload(self.state, rank))
-        return ClientUpdate(reply.metadata.src_node_id, tensors, n, rank)
+        tensors = decode_update(record, self.agg.expected_upload(self.state, rank), self.limits)
+        return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
@@ -248,8 +342,14 @@ class LoRAStrategy(Strategy):
                 log.warning("round %d: evaluation failed on node %d: %s", self._round(server_round),
                             r.metadata.src_node_id, r.error.reason)
                 continue
-            m = r.content["metrics"]
-            rows.append((float(m["loss"]), float(m["accuracy"]), int(m["num-examples"])))
+            try:
+                m = r.content["metrics"]
+                row = (float(m["loss"]), float(m["accuracy"]), check_num_examples(m["num-examples"], self.limits))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidUpdate is a ValueError
+                log.warning("round %d: malformed evaluation reply of node %d ignored: %r", self._round(server_round),
+                            r.metadata.src_node_id, e)
+                continue
+            rows.append(row)
         n = sum(w for *_, w in rows)
         if not n:
             return None
@@ -258,14 +358,45 @@ class LoRAStrategy(Strategy):
         return MetricRecord({"loss": stats.fed_loss, "accuracy": stats.fed_accuracy})
 
     def finish_round(self, server_round: int, global_metrics: dict[str, float] | None) -> None:
-        """Called after the server-side evaluation of a round: close its stats and report them."""
+        """Close a round after its server-side evaluation: report its stats, checkpoint the full server state
+        (a failed round too: its row and the failure count must survive a restart), and end the run after
+        max-failed-rounds consecutive failed rounds."""
         stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
         if global_metrics:
             stats.global_loss = global_metrics.get("loss")
             stats.global_accuracy = global_metrics.get("accuracy")
         stats.seconds = time.perf_counter() - self._t0
+        self.history.append(dataclasses.asdict(stats))
         if self.on_round_end:
             self.on_round_end(stats, self.state)
+        rnd = self._round(server_round)
+        if self.output_dir and server_round > 0:
+            save_checkpoint(self.output_dir, self.state, rnd, self.checkpoint_meta(rnd),
+                            keep=self.cfg.run.keep_checkpoints)
+        if self.failed_rounds >= self.cfg.run.max_failed_rounds:
+            raise TooManyFailedRounds(
+                f"{self.failed_rounds} consecutive rounds (up to round {rnd}) got fewer valid client updates than "
+                f"the minimum (max-failed-rounds={self.cfg.run.max_failed_rounds}; see 'failed' and 'rejected' in "
+                "metrics.jsonl)"
+            )
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float | None = None,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's round loop with ``timeout`` = round-timeout (each phase's wait for replies) by default, and
+        every round closed by :meth:`finish_round` after ``evaluate_fn`` (the server-side evaluation). A
+        resumed run does not repeat round 0: its row is in the restored history."""
+
+        def close_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and self.round_offset > 0:
+                return None
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            self.finish_round(server_round, dict(metrics) if metrics is not None else None)
+            return metrics
+
+        return super().start(grid, initial_arrays, num_rounds=num_rounds,
+                             timeout=self.cfg.run.round_timeout if timeout is None else timeout,
+                             train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=close_round)
 
     def summary(self) -> None:
         log.info("LoRAStrategy(method=%s, mode=%s, uploads=%s, frozen=%s, rounds=%d)", self.agg.name,

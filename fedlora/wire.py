@@ -44,6 +44,18 @@ def logical_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * 4 for t in tensors.values())
 
 
+def record_logical_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of a received record from its arrays' declared shapes and dtypes, without decoding it
+    (equals :func:`logical_bytes` of the decoded tensors for a valid float32 upload)."""
+    total = 0
+    for arr in record.values():
+        try:
+            total += math.prod(arr.shape) * np.dtype(arr.dtype).itemsize
+        except TypeError:  # a dtype numpy does not know: count the bytes that came
+            total += len(arr.data)
+    return total
+
+
 def message_wire_bytes(msg: Message) -> int:
     """Serialised size of a Flower message: the sum of its deflated objects (what the runtime pushes)."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects

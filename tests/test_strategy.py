@@ -42,10 +42,8 @@ def _train_msgs(grid, server_round: int | None = None) -> list[Message]:
 
 
 def _replies_to(grid, msgs: list[Message]) -> list[Message]:
-    # LocalGrid records grid.replies[i] as the reply to grid.sent[i] (its wire copies carry no message ids).
-    assert len(grid.sent) == len(grid.replies)
-    chosen = {id(m) for m in msgs}
-    out = [r for m, r in zip(grid.sent, grid.replies, strict=True) if id(m) in chosen]
+    by_id = {r.metadata.reply_to_message_id: r for r in grid.replies}
+    out = [by_id[m.metadata.message_id] for m in msgs]
     assert all(r.metadata.src_node_id == m.metadata.dst_node_id for m, r in zip(msgs, out, strict=True))
     return out
 
@@ -214,14 +212,14 @@ def test_bad_update_is_rejected_with_a_reason(corrupt, reason, tmp_path, caplog)
     assert all(torch.equal(final[k], expected[k]) for k in final)
 
 
-def test_client_exception_is_rejected_and_the_round_aggregates_the_rest(tmp_path, caplog):
+def test_client_exception_fails_the_node_and_the_round_aggregates_the_rest(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fedlora")
     overrides = {"method.name": "fedit", "num-server-rounds": 1}
     grid, rows, _ = run_local(tmp_path, fail_nodes={BAD_NODE}, **overrides)
     row = rows[1]
-    assert row["clients_aggregated"] == NODES - 1 and len(row["rejected"]) == 1
-    assert f"node {BAD_NODE}" in row["rejected"][0]
-    assert "client error" in row["rejected"][0] and "simulated failure" in row["rejected"][0]
+    assert row["clients_aggregated"] == NODES - 1 and len(row["failed"]) == 1 and not row["rejected"]
+    assert f"node {BAD_NODE}" in row["failed"][0]
+    assert "client error" in row["failed"][0] and "simulated failure" in row["failed"][0]
     assert any(r.levelno == logging.WARNING and "client error" in r.getMessage() for r in caplog.records)
     final, last_round, _ = load_checkpoint(tmp_path)
     expected = _expected_after_one_round(grid, _cfg(tmp_path, **overrides), {1000, 1002})
@@ -256,11 +254,11 @@ def test_every_client_failing_leaves_the_state_unchanged(tmp_path, monkeypatch, 
 
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["clients_aggregated"] == NODES
-    assert rows[2]["clients_aggregated"] == 0 and len(rows[2]["rejected"]) == NODES
+    assert rows[2]["clients_aggregated"] == 0 and len(rows[2]["failed"]) == NODES
     assert rows[2]["train_loss"] is None
     assert rows[2]["global_loss"] == rows[1]["global_loss"]  # the same global adapter was evaluated
     assert rows[3]["clients_aggregated"] == NODES  # and the run recovers in the next round
-    assert any("no valid client update" in r.getMessage() for r in caplog.records)
+    assert any("round 2 failed: 0 valid client update(s)" in r.getMessage() for r in caplog.records)
     assert summary["rounds"] == 3
 
 
@@ -270,12 +268,13 @@ def test_every_client_failing_in_every_round_ends_cleanly(tmp_path, monkeypatch)
     overrides = {"method.name": "fedit"}
     _, rows, summary = run_local(tmp_path, fail_nodes={1000, 1001, 1002}, **overrides)
     assert [r["clients_aggregated"] for r in rows[1:]] == [0, 0]
-    assert all(len(r["rejected"]) == NODES for r in rows[1:])
+    assert all(len(r["failed"]) == NODES for r in rows[1:])
     (strategy,) = _Recording.instances
     cfg = _cfg(tmp_path, **overrides)
     start = initial_state(cfg, make_aggregator(cfg))
     assert list(strategy.state) == list(start) and all(torch.equal(strategy.state[k], start[k]) for k in start)
-    assert not (tmp_path / "server_state.safetensors").exists()  # nothing new to checkpoint
+    saved, last_round, meta = load_checkpoint(tmp_path)  # failed rounds are checkpointed: state unchanged
+    assert last_round == 2 and meta["failed_rounds"] == 2 and all(torch.equal(saved[k], start[k]) for k in start)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert summary["rounds"] == 2
 
@@ -417,8 +416,8 @@ def test_node_that_lost_its_frozen_factors_gets_them_again(tmp_path):
     grid, rows, _ = run_local(tmp_path, client_app=app, **overrides)
     # Round 2: the server did not resend A, B (it had delivered them), so the node fails clearly ...
     assert rows[2]["clients_aggregated"] == NODES - 1
-    assert "frozen factors" in rows[2]["rejected"][0] and f"node {BAD_NODE}" in rows[2]["rejected"][0]
+    assert "frozen factors" in rows[2]["failed"][0] and f"node {BAD_NODE}" in rows[2]["failed"][0]
     # ... and round 3 resends them to that node only, so it trains again.
     r3 = {m.metadata.dst_node_id: list(m.content["arrays"].keys()) for m in _train_msgs(grid, 3)}
     assert [n for n, keys in r3.items() if _frozen_keys(keys, ("A", "B"))] == [BAD_NODE]
-    assert rows[3]["clients_aggregated"] == NODES and not rows[3]["rejected"]
+    assert rows[3]["clients_aggregated"] == NODES and not rows[3]["rejected"] and not rows[3]["failed"]
