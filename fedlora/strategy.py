@@ -279,7 +279,7 @@ class LoRAStrategy(Strategy):
                 raise AllClientsExhausted(f"all {self.num_nodes} clients have spent their privacy budget")
             self.failed_rounds += 1
             log.warning("round %d failed: %d valid client update(s), the minimum is %d (min-fit-clients=%d, "
-                        "min-fit-fraction=%g of %d sampled); the global state is unchanged (%d/%d consecutive "
+                        "min-fit-fraction=%g, %d sampled); the global state is unchanged (%d/%d consecutive "
                         "failed rounds, max-failed-rounds)", rnd, len(updates), max(1, stats.clients_required),
                         self.cfg.run.min_fit_clients, self.cfg.run.min_fit_fraction, stats.clients_sampled,
                         self.failed_rounds, self.cfg.run.max_failed_rounds)

@@ -170,14 +170,15 @@ class CorruptingApp:
         return Message(RecordDict({"arrays": to_record(tensors), "metrics": metrics}), reply_to=msg)
 
 
-def _expected_after_one_round(grid, cfg: FedLoraConfig, good_nodes: set[int]) -> OrderedDict:
-    """What the aggregator makes of the good replies of round 1, from the state that was sent (fedit: all)."""
+def expected_aggregate(grid, cfg: FedLoraConfig, good_nodes: set[int], server_round: int = 1) -> OrderedDict:
+    """What the aggregator makes of the good replies of ``server_round``, from the state that was sent then
+    (fedit sends its whole state)."""
     agg = make_aggregator(cfg)
-    sent = _train_msgs(grid, 1)
+    sent = _train_msgs(grid, server_round)
     start = from_record(sent[0].content["arrays"])
     updates = []
-    for r in _replies_to(grid, sent):
-        if r.metadata.src_node_id in good_nodes:
+    for r in _replies_to(grid, [m for m in sent if m.metadata.dst_node_id in good_nodes]):
+        if not r.has_error():
             m = r.content["metrics"]
             updates.append(ClientUpdate(r.metadata.src_node_id, from_record(r.content["arrays"]),
                                         int(m["num-examples"]), int(m["rank"])))
@@ -207,7 +208,7 @@ def test_bad_update_is_rejected_with_a_reason(corrupt, reason, tmp_path, caplog)
     # The new global state is exactly the aggregate of the two good updates.
     final, last_round, _ = load_checkpoint(tmp_path)
     assert last_round == 1
-    expected = _expected_after_one_round(grid, _cfg(tmp_path, **overrides), {1000, 1002})
+    expected = expected_aggregate(grid, _cfg(tmp_path, **overrides), {1000, 1002})
     assert list(final) == list(expected)
     assert all(torch.equal(final[k], expected[k]) for k in final)
 
@@ -222,7 +223,7 @@ def test_client_exception_fails_the_node_and_the_round_aggregates_the_rest(tmp_p
     assert "client error" in row["failed"][0] and "simulated failure" in row["failed"][0]
     assert any(r.levelno == logging.WARNING and "client error" in r.getMessage() for r in caplog.records)
     final, last_round, _ = load_checkpoint(tmp_path)
-    expected = _expected_after_one_round(grid, _cfg(tmp_path, **overrides), {1000, 1002})
+    expected = expected_aggregate(grid, _cfg(tmp_path, **overrides), {1000, 1002})
     assert last_round == 1 and all(torch.equal(final[k], expected[k]) for k in expected)
 
 
