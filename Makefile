@@ -34,6 +34,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_linalg.py
 	$(BIN)/python benchmarks/bench_aggregators.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_wire.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_dp.py
 
 clean:
