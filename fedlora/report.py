@@ -89,6 +89,8 @@ class Reporter:
             if row["fed_accuracy"] is not None:
                 parts.append(f"fed acc {f(row['fed_accuracy'])}")
         parts.append(f"test loss {f(row['global_loss'])} acc {f(row['global_accuracy'])}")
+        if row.get("global_perplexity") is not None:
+            parts.append(f"ppl {row['global_perplexity']:.2f}")
         if row["round"] > 0:
             parts += [f"down {_fmt_bytes(row['bytes_down'])} up {_fmt_bytes(row['bytes_up'])}",
                       f"{row['seconds']:.1f} s"]

@@ -19,7 +19,7 @@ from fedlora.aggregation.fed_sb import sb_factors_from_gradient
 from fedlora.checkpoint import has_checkpoint, load_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
-from fedlora.strategy import LoRAStrategy, StopRun
+from fedlora.strategy import LoRAStrategy, RoundStats, StopRun
 from fedlora.task import build_model, cached_dataset, encode_dataset, make_aggregator, server_dataset
 from fedlora.train import evaluate, take_batch
 from fedlora.wire import to_record
@@ -72,12 +72,24 @@ def lora_sb_gradient_init(cfg: FedLoraConfig, model: torch.nn.Module) -> dict[st
 
 def global_evaluator(cfg: FedLoraConfig, agg: Aggregator):
     """Server-side evaluation of the global adapter on the held-out split (encoded once)."""
-    enc, labels = encode_dataset(cfg, server_dataset(cfg))
+    if cfg.model.task == "causal_lm":  # token-level NLL, perplexity, next-token accuracy on every group's held-out
+        from fedlora.causal_lm import task as lm_task
+        from fedlora.causal_lm.train import evaluate_lm
+
+        lm_enc = lm_task.encode(cfg, lm_task.server_dataset(cfg))
+
+        def score(model: torch.nn.Module) -> dict[str, float]:
+            return evaluate_lm(model, lm_enc, cfg.train.eval_batch_size)
+    else:
+        enc, labels = encode_dataset(cfg, server_dataset(cfg))
+
+        def score(model: torch.nn.Module) -> dict[str, float]:
+            return evaluate(model, enc, labels, cfg.train.eval_batch_size)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
         model = build_model(cfg, agg.mode, cfg.adapter.rank)
         load_adapter_state(model, agg.client_payload(state, cfg.adapter.rank))
-        return evaluate(model, enc, labels, cfg.train.eval_batch_size)
+        return score(model)
 
     return evaluate_state
 
@@ -102,7 +114,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     reporter.start({"resumed_from_round": offset}, keep_history=resuming, history=meta.get("history"))
     evaluate_state = global_evaluator(cfg, agg)
     strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out), resume_meta=meta,
-                            on_round_end=lambda stats, _state: reporter.round(stats))
+                            on_round_end=lambda stats, _state: reporter.round(with_perplexity(cfg, stats)))
 
     def evaluate_fn(_server_round: int, _arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord(evaluate_state(strategy.state))  # the strategy closes (reports, checkpoints) the round
@@ -121,4 +133,17 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
         from fedlora.export import save_merged_model
 
         save_merged_model(cfg, agg, strategy.state, out / "merged")
+    if cfg.model.task == "causal_lm":
+        from fedlora.causal_lm.report import write_generations
+
+        printer(f"generations: {write_generations(cfg, agg, strategy.state, out)}")
     return summary
+
+
+def with_perplexity(cfg: FedLoraConfig, stats: RoundStats) -> RoundStats:
+    """Causal LM: perplexity = exp(mean token NLL) of the server's and the clients' held-out text."""
+    if cfg.model.task == "causal_lm":
+        from fedlora.causal_lm.report import perplexity
+
+        stats.global_perplexity, stats.fed_perplexity = perplexity(stats.global_loss), perplexity(stats.fed_loss)
+    return stats

@@ -53,7 +53,12 @@ def num_labels(cfg: FedLoraConfig) -> int:
 
 def build_model(cfg: FedLoraConfig, mode: str, rank: int) -> nn.Module:
     """Base model (seeded head) with adapters of ``mode``/``rank`` on the configured targets."""
-    model = load_model(cfg.model.name, num_labels(cfg), seed=cfg.run.seed)
+    if cfg.model.task == "causal_lm":
+        from fedlora.causal_lm.task import base_model
+
+        model = base_model(cfg)
+    else:
+        model = load_model(cfg.model.name, num_labels(cfg), seed=cfg.run.seed)
     inject_adapters(model, cfg.adapter.targets(), rank=rank, alpha=cfg.adapter.alpha, mode=mode,
                     dropout=cfg.adapter.dropout, head=cfg.adapter.heads())
     return model
@@ -132,6 +137,10 @@ def encoded_client_data(cfg: FedLoraConfig, split: str, partition_id: int, num_p
     and would otherwise re-tokenise its partition every round; in deployment each message is a fresh
     process and simply misses the cache.
     """
+    if cfg.model.task == "causal_lm":  # labels = next-token targets (N, T), -100 where no loss is taken
+        from fedlora.causal_lm import task as lm_task
+
+        return lm_task.encoded_client_data(cfg, split, partition_id, num_partitions)
     d, m = cfg.data, cfg.model
     key = (d.source, split, partition_id, num_partitions, d.partition, d.dirichlet_alpha, d.min_partition_size,
            cfg.run.seed, m.name, m.max_length)

@@ -57,6 +57,8 @@ def save_peft_adapter(state: dict[str, torch.Tensor], cfg: FedLoraConfig, folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = to_peft(state, cfg.adapter.rank, cfg.adapter.alpha)
     config["base_model_name_or_path"] = cfg.model.name
+    if cfg.model.task == "causal_lm":  # PeftModelForCausalLM; no head in modules_to_save
+        config["task_type"] = "CAUSAL_LM"
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return folder

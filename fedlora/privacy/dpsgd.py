@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from opacus import PrivacyEngine
@@ -126,10 +126,17 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
     optimizer.step()
 
 
-def _loss(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+# (model, token tensors, labels, batch indices) -> (loss, correct predictions, predictions). The loss MUST be the
+# batch mean of per-example losses: opacus' hooks (loss_reduction="mean") scale by the batch size to recover
+# each example's own gradient, which is then clipped as a whole. fedlora.causal_lm.train.batch_loss is the
+# token-level counterpart (each sequence's mean over its target tokens, then the batch mean).
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor], tuple[torch.Tensor, int, int]]
+
+
+def classification_loss(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
+                        ) -> tuple[torch.Tensor, int, int]:
     logits = model(**take_batch(enc, idx)).logits
-    return nn.functional.cross_entropy(logits, labels[idx]), logits
+    return nn.functional.cross_entropy(logits, labels[idx]), int((logits.argmax(-1) == labels[idx]).sum()), len(idx)
 
 
 def train_local_dp(
@@ -145,6 +152,7 @@ def train_local_dp(
     accountant: ClientAccountant,
     seed: int = 0,
     grad_sample_mode: str = "hooks",
+    loss_fn: LossFn = classification_loss,
 ) -> dict[str, float]:
     """DP-SGD with AdamW over the trainable tensors for exactly ``steps`` steps (the counterpart of
     :func:`fedlora.train.train_local`, same metrics; the caller reads epsilon from ``accountant``).
@@ -169,12 +177,11 @@ def train_local_dp(
                     if len(idx) == 0:
                         _noise_only_step(dp_opt)
                     else:
-                        loss, logits = _loss(model, enc, labels, idx)
+                        loss, c, k = loss_fn(model, enc, labels, idx)
                         loss.backward()
                         dp_opt.step()
                         losses.append(loss.item())
-                        correct += int((logits.argmax(-1) == labels[idx]).sum())
-                        seen += len(idx)
+                        correct, seen = correct + c, seen + k
                     done += 1
                     if done == steps:
                         break
@@ -193,6 +200,7 @@ def privatised_gradient(
     expected_batch_size: int | None = None,
     seed: int = 0,
     grad_sample_mode: str = "hooks",
+    loss_fn: LossFn = classification_loss,
 ) -> dict[str, torch.Tensor]:
     """The gradient opacus' DPOptimizer would hand to AdamW for this one batch (all rows of ``enc``):
     sum of per-example gradients each clipped to ``clip``, plus N(0, (sigma clip)^2) noise, divided by
@@ -204,6 +212,6 @@ def privatised_gradient(
     with dp_session(model, max(n, expected), expected, clip, noise_multiplier, ClientAccountant("rdp"), opt, seed,
                     grad_sample_mode) as (dp_opt, _):
         dp_opt.zero_grad(set_to_none=True)
-        _loss(model, enc, labels, torch.arange(n))[0].backward()
+        loss_fn(model, enc, labels, torch.arange(n))[0].backward()
         dp_opt.pre_step()
         return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,7 @@
+"""Causal-LM fine-tuning as a task beside classification: next-token loss with prompt and padding masked,
+perplexity, greedy generation, and offline models (a tiny random LLaMA, SmolLM2-135M from a PyPI package).
+
+Modules: ``data`` (formats, masking, packing, partition by group), ``model`` (loading and the SmolLM2 cache),
+``train`` (loss, local loop, perplexity, generation), ``task`` (what a client and the server derive from the
+run config).
+"""
