@@ -28,7 +28,7 @@ import torch
 from bench_aggregators import header
 
 from fedlora import naming
-from fedlora.aggregation import available, get_aggregator
+from fedlora.aggregation import AggregatorConfig, available, get_aggregator
 from fedlora.checkpoint import load_checkpoint
 from fedlora.cli import quiet_flower
 from simulations.compare import run_method
@@ -59,6 +59,29 @@ def head_bytes(folder: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     return head, get_aggregator("fedit").layer_dims(state)
 
 
+def synthetic(methods: list[str], layers: int, d: int, r: int) -> None:
+    """One client's upload at LLaMA-7B adapter shapes, serialised as the ClientApp does (no model needed)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.wire import logical_bytes, message_wire_bytes, to_record
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # Message() needs a run identity
+    print(f"\none upload at LLaMA-7B adapter shapes ({layers} layers of {d} x {d}, r = {r}, no head): "
+          f"serialised reply vs logical bytes")
+    print(f"{'method':10s} {'logical':>12s} {'wire':>12s} {'ratio':>7s} {'ok':>4s}")
+    for method in methods:
+        uploads = get_aggregator(method).uploads
+        dims = {"A": (r, d), "B": (d, r), "R": (r, r)}
+        tensors = {naming.key(f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj", role): torch.randn(*dims[role])
+                   for i in range(layers) for role in uploads}
+        msg = Message(RecordDict({"arrays": to_record(tensors), "metrics": MetricRecord({"num-examples": 100})}),
+                      dst_node_id=0, message_type="train")
+        wire, logical = message_wire_bytes(msg), logical_bytes(tensors)
+        ok = "PASS" if wire / logical <= TARGET else "FAIL"
+        print(f"{method:10s} {logical:12,d} {wire:12,d} {wire / logical:7.4f} {ok:>4s}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,minilm")
@@ -69,6 +92,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default="runs/bench-wire")
+    p.add_argument("--no-synthetic", action="store_true", help="skip the LLaMA-7B-shaped upload")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -78,20 +102,28 @@ def main() -> None:
     print(f"{args.clients} clients x {args.rounds} rounds, adapter rank {args.rank} (flora/flexlora/hetlora: "
           f"client ranks {HETEROGENEOUS_RANKS}); bytes per round, all clients; logical = numel x 4 of the "
           f"tensors moved (adapters + head); wire = serialised Flower messages; target wire/logical <= {TARGET}")
+    if not args.no_synthetic:
+        synthetic(sorted({get_aggregator(m).uploads: m for m in args.methods.split(",")}.values()), 64, 4096, 16)
     for model in args.models.split(","):
         print(f"\nmodel {model}")
         print(f"{'method':10s} {'round':>5s} {'down logical':>13s} {'down wire':>11s} {'ratio':>6s} "
-              f"{'up logical':>11s} {'up wire':>11s} {'ratio':>6s} {'ok':>4s}")
+              f"{'up logical':>11s} {'up wire':>11s} {'ratio':>6s} {'ok':>4s} {'extra B/upload':>14s} {'tensors':>7s}")
         ups: dict[str, tuple[float, float, Path]] = {}
+        tensors: dict[str, int] = {}  # tensors in one upload (adapter factors + head)
         for method in args.methods.split(","):
             t0 = time.perf_counter()
             rows, out = run(model, method, args, root)
+            state, _, _ = load_checkpoint(out)
+            agg = get_aggregator(method, AggregatorConfig(rank=args.rank))
+            tensors[method] = len(agg.expected_upload(state, args.rank))
             for r in rows:
                 down = r["wire_bytes_down"] / r["bytes_down"]
                 up = r["wire_bytes_up"] / r["bytes_up"]
                 ok = "PASS" if max(down, up) <= TARGET else "FAIL"
+                extra = (r["wire_bytes_up"] - r["bytes_up"]) / r["clients_aggregated"]
                 print(f"{method:10s} {r['round']:5d} {r['bytes_down']:13,d} {r['wire_bytes_down']:11,d} {down:6.3f} "
-                      f"{r['bytes_up']:11,d} {r['wire_bytes_up']:11,d} {up:6.3f} {ok:>4s}")
+                      f"{r['bytes_up']:11,d} {r['wire_bytes_up']:11,d} {up:6.3f} {ok:>4s} {extra:14,.0f} "
+                      f"{tensors[method]:7d}")
             last = rows[-1]
             n = last["clients_aggregated"]
             ups[method] = (last["bytes_up"] / n, last["wire_bytes_up"] / n, out)
