@@ -49,6 +49,7 @@ from fedlora.train import train_local
 # (module, attribute, bucket): leaf-ish library calls of a federated round, timed exclusively.
 WRAP = [
     (fl_server, "initial_state", "server start-up (model build, init state)"),
+    (fl_server, "server_dataset", "global evaluation"),
     (fl_server, "encode_dataset", "global evaluation"),
     (fl_server, "build_model", "server model builds (start-up, evaluations)"),
     (fl_server, "load_adapter_state", "global evaluation"),
