@@ -62,3 +62,17 @@ def test_one_novel_per_client_with_federated_perplexity(tmp_path) -> None:
     _, rows, _ = run_local(tmp_path, num_nodes=6, **{**LM, **overrides})
     assert rows[1]["clients_aggregated"] == 6
     assert rows[1]["fed_perplexity"] == pytest.approx(math.exp(rows[1]["fed_loss"]))
+
+
+def test_instruction_data_federation(tmp_path) -> None:
+    words = ["house", "letter", "sister", "garden", "morning", "dance", "horse", "ball", "card", "walk"]
+    for split, n in (("train", 90), ("test", 12)):
+        rows = [{"instruction": f"repeat the word {words[i % 10]} twice", "response": f"{words[i % 10]} " * 2}
+                for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    _, rows, _ = run_local(out, **{**LM, "data.source": str(tmp_path), "data.format": "instruction",
+                                   "train.lr": 0.01, "method.name": "fedit"})
+    assert rows[-1]["global_loss"] < rows[0]["global_loss"]  # loss on the responses only
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == [f"repeat the word {w} twice" for w in words[:4]]
