@@ -8,6 +8,7 @@ details are a fedlora decision). Every term is evaluated through (r, r) traces (
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -84,6 +85,20 @@ class FairObjective:
     def __call__(self, db: torch.Tensor) -> float:
         return self.value_and_grad(db)[0]
 
+    def restricted(self) -> tuple[torch.Tensor, FairObjective]:
+        """``(Q, L_Q)``: Q (d_out, k), k <= 2r, orthonormal columns spanning [B_bar, P], and L_Q(Z) = L(Q Z).
+
+        The minimiser lies in that column space: with Bt in it, the gradient does too (Bt C and P do), and a
+        part of dB orthogonal to it leaves <P, Bt> unchanged while adding to ||Bt A_bar|| and ||dB||. In the
+        coordinates Z = Q^T dB every term keeps its form (B_bar -> Q^T B_bar, P -> Q^T P; C, ||dW||, lam
+        unchanged), so the solver runs on (k, r) instead of (d_out, r) arrays: the same objective at a cost
+        independent of d_out.
+        """
+        q, _ = torch.linalg.qr(torch.cat([self.b_bar, self.p_mat], dim=1), mode="reduced")
+        sub = copy.copy(self)
+        sub.b_bar, sub.p_mat = q.T @ self.b_bar, q.T @ self.p_mat
+        return q, sub
+
     def value_and_grad(self, db: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Loss and its gradient in closed form: one (d_out, r) x (r, r) product, no autograd overhead."""
         bt, bt_c, grad = (torch.empty_like(self.b_bar) for _ in range(3))
@@ -117,12 +132,19 @@ def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.
     """Adam on dB from 0; returns the best iterate seen, so the loss is never worse than at dB = 0.
 
     Returns exactly zero when the ideal update is ~0 (nothing to align with) or already reached by
-    B_bar A_bar (e.g. all clients agree). Adam is written out (standard, bias-corrected) because the
-    problem is tiny and torch.optim + autograd overhead would dominate the server's round time.
+    B_bar A_bar (e.g. all clients agree). Adam runs in the coordinates Z of :meth:`FairObjective.restricted`
+    (dB = Q Z), where the problem is (2r, r) whatever d_out is. Adam is written out (standard, bias-corrected)
+    because the problem is tiny and torch.optim + autograd overhead would dominate the server's round time.
     """
-    db = torch.zeros_like(objective.b_bar)
     if objective.ideal_norm <= _NEGLIGIBLE * objective.bound:
-        return db
+        return torch.zeros_like(objective.b_bar)
+    q, sub = objective.restricted()
+    return q @ _adam(sub, config)
+
+
+def _adam(objective: FairObjective, config: AggregatorConfig) -> torch.Tensor:
+    """Best iterate of ``config.fair_steps`` Adam steps on ``objective`` from dB = 0."""
+    db = torch.zeros_like(objective.b_bar)
     # Step size relative to the size of B_bar's entries: LoRA B's are ~1e-3 after a few local steps, and an
     # absolute step of 1e-2 would overshoot on every iteration (leaving the best iterate at dB = 0, i.e. FedIT).
     lr = config.fair_lr * max(float(objective.b_bar.pow(2).mean().sqrt()), 1e-12)
