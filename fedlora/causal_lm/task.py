@@ -12,9 +12,9 @@ from fedlora.causal_lm.data import (
     LMDataset,
     encode_lm,
     eos_id,
+    instruction_ids,
     load_lm_dataset,
     partition_by_label,
-    render_prompt,
     text_ids,
 )
 from fedlora.causal_lm.model import load_causal_lm, load_causal_tokenizer
@@ -111,12 +111,8 @@ def generation_prompts(cfg: FedLoraConfig) -> list[tuple[str, list[int]]]:
     tok = tokenizer(cfg.model.name)
     ds = _dataset(cfg, "test")
     if ds.prompts is not None:
-        out = []
-        for ins, inp in ds.prompts[:4]:
-            text = render_prompt(tok, ins, inp)
-            bos = [tok.bos_token_id] if not tok.chat_template and tok.bos_token_id is not None else []
-            out.append((f"{ins}\n{inp}".strip(), bos + list(tok(text, add_special_tokens=False)["input_ids"])))
-        return out
+        # exactly the prompt ids the model was trained to answer
+        return [(f"{ins}\n{inp}".strip(), instruction_ids(tok, ins, inp, "")[0]) for ins, inp in ds.prompts[:4]]
     texts = TEXT_PROMPTS if cfg.data.source == "austen" else [" ".join(t.split()[:8]) for t in ds.texts[:4]]
     out = []
     for t, ids in zip(texts, text_ids(tok, texts), strict=True):
