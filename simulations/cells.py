@@ -41,7 +41,11 @@ def finished(out: Path, cfg: dict[str, Any]) -> dict | None:
         ran = json.loads((out / "run.json").read_text())["run_config"]
     except (OSError, ValueError, KeyError):
         return summary  # an older folder without run.json: the rounds check is all we have
-    same = all(ran.get(k) == v for k, v in cfg.items() if k not in IGNORED_ON_RESUME)
+    # A key the finished run did not know yet (added to fedlora since) counts as its default.
+    from fedlora.config import FedLoraConfig
+
+    defaults = FedLoraConfig().to_run_config()
+    same = all(ran.get(k, defaults.get(k)) == v for k, v in cfg.items() if k not in IGNORED_ON_RESUME)
     return summary if same else None
 
 

@@ -106,7 +106,7 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for method, hist in histories.items():
@@ -123,6 +123,8 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
     ax1.set(xlabel="round", ylabel="test accuracy", title=title)
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} MB"))
+    ax2.xaxis.set_minor_formatter(NullFormatter())
     ax2.set(xlabel="cumulative bytes on the wire (train, down + up, log)", ylabel="test accuracy",
             title="accuracy vs communication")
     ax1.legend(fontsize=8)

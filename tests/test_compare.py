@@ -95,3 +95,17 @@ def test_unknown_method_is_a_config_error(tmp_path, capsys):
     assert cli.main(["compare", "--methods", "fedit,fedavgg", "--output", str(tmp_path)]) == 2
     assert "fedavgg" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # validated before anything ran
+
+
+def test_a_run_from_before_a_new_config_key_is_reused_when_the_key_is_at_its_default(compared):
+    from simulations.cells import finished
+
+    cfg = json.loads((compared / "fedit" / "run.json").read_text())["run_config"]
+    old = {k: v for k, v in cfg.items() if k != "keep-checkpoints"}  # as if written before that key existed
+    run_json = json.loads((compared / "fedit" / "run.json").read_text())
+    (compared / "fedit" / "run.json").write_text(json.dumps({**run_json, "run_config": old}))
+    try:
+        assert finished(compared / "fedit", cfg) is not None
+        assert finished(compared / "fedit", {**cfg, "keep-checkpoints": 5}) is None
+    finally:
+        (compared / "fedit" / "run.json").write_text(json.dumps(run_json))
