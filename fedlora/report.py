@@ -59,6 +59,9 @@ class Reporter:
                 "versions": versions(), "platform": platform.platform(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **(extra or {})}
         (self.dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        # A summary marks a finished run (experiment runners reuse such folders): an earlier run's must not
+        # outlive this one's start.
+        (self.dir / "summary.json").unlink(missing_ok=True)
         metrics = self.dir / "metrics.jsonl"
         if keep_history and history is not None:
             self.rows = [dict(r) for r in history]

@@ -109,3 +109,13 @@ def test_a_run_from_before_a_new_config_key_is_reused_when_the_key_is_at_its_def
         assert finished(compared / "fedit", {**cfg, "keep-checkpoints": 5}) is None
     finally:
         (compared / "fedit" / "run.json").write_text(json.dumps(run_json))
+
+
+def test_a_started_run_removes_the_previous_summary(tmp_path):
+    """A run interrupted in a folder that held a finished run must not look finished (its summary is stale)."""
+    from fedlora.config import FedLoraConfig
+    from fedlora.report import Reporter
+
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": 3}))
+    Reporter(FedLoraConfig(), tmp_path, printer=lambda *_: None).start()
+    assert not (tmp_path / "summary.json").exists()
