@@ -65,6 +65,8 @@ class MethodConfig:
     fair_lambda: float = 0.01
     fair_steps: int = 200
     fair_lr: float = field(default=1e-2, metadata={"help": "LoRA-FAIR Adam step, relative to RMS(B_bar)"})
+    flex_svd: str = field(default="auto", metadata={"help": "FlexLoRA's top-r SVD: exact | randomized | auto "
+                                                            "(randomized when cheaper: many clients)"})
     sb_init: str = field(default="orthogonal", metadata={"help": "Fed-SB factors: orthogonal (seeded) | "
                                                                  "gradient (LoRA-SB, server data)"})
     sb_init_examples: int = 64
@@ -218,6 +220,8 @@ class FedLoraConfig:
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
             (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
              "must be 'num_examples' or 'uniform'"),
+            (self.method.flex_svd in ("auto", "exact", "randomized"), "method.flex-svd",
+             "must be 'auto', 'exact' or 'randomized'"),
             (self.method.sb_init in ("orthogonal", "gradient"), "method.sb-init", "must be 'orthogonal' or 'gradient'"),
             (self.privacy.mode in ("none", "sample", "client"), "privacy.mode", "must be 'none', 'sample' or 'client'"),
             (self.privacy.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'"),

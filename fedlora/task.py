@@ -28,7 +28,8 @@ def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
         cfg.method.name,
         AggregatorConfig(rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, seed=cfg.run.seed,
                          weighting=cfg.method.weighting, fair_lambda=cfg.method.fair_lambda,
-                         fair_steps=cfg.method.fair_steps, fair_lr=cfg.method.fair_lr),
+                         fair_steps=cfg.method.fair_steps, fair_lr=cfg.method.fair_lr,
+                         flex_svd=cfg.method.flex_svd),
     )
     if cfg.adapter.ranks and not agg.heterogeneous_ranks:
         raise ValueError(f"adapter.ranks={cfg.adapter.ranks!r} gives clients different ranks, but method "

@@ -191,3 +191,27 @@ def test_flexlora_uniform_weighting() -> None:
         ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
         ideal = sum(0.5 * (ALPHA / u.rank) * u.tensors[kb].to(F64) @ u.tensors[ka].to(F64) for u in updates)
         _close(_product(new, layer), ideal, tol=1e-5)
+
+
+def test_flexlora_auto_svd_switches_to_randomized_only_for_wide_stacks() -> None:
+    agg = _agg()
+    assert not agg.use_randomized(14) and agg.use_randomized(1600)
+    assert not _agg(flex_svd="exact").use_randomized(1600) and _agg(flex_svd="randomized").use_randomized(14)
+    with pytest.raises(ValueError, match="flex-svd"):
+        _agg(flex_svd="fast")
+
+
+def test_flexlora_randomized_svd_is_near_optimal_with_many_clients() -> None:
+    """30 clients of rank 4 (stack width 120 > the sketch's 8 + 16): the randomized global update is within
+    1 % of the best rank-r_max approximation's error, with orthonormal A rows, like the exact path."""
+    ranks = (4,) * 30
+    updates = random_updates(torch.Generator().manual_seed(5), ranks=ranks, num_examples=tuple(range(5, 35)))
+    exact = _agg(flex_svd="exact")
+    fast = _agg(flex_svd="randomized")
+    new_exact = exact.aggregate(exact.init_state(_init()), updates)
+    new_fast = fast.aggregate(fast.init_state(_init()), updates)
+    for layer in SHAPES:
+        ideal = ideal_update(updates, layer)
+        optimal = (ideal - _product(new_exact, layer)).norm()
+        assert (ideal - _product(new_fast, layer)).norm() <= 1.01 * optimal
+        _orthonormal_rows(new_fast[naming.key(layer, "A")])

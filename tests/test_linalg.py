@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.aggregation.linalg import recompress, thin_svd
+from fedlora.aggregation.linalg import randomized_top_svd, recompress, thin_svd, top_svd_cost_ratio
 
 F64 = torch.float64
 
@@ -72,3 +72,56 @@ def test_recompress_of_zero_is_empty() -> None:
     L2, Rt2 = recompress(torch.zeros(8, 5), torch.zeros(5, 6))
     assert L2.shape == (8, 0) and Rt2.shape == (0, 6)
     assert torch.all(L2 @ Rt2 == 0)
+
+
+def _low_rank(d_out: int, m: int, d_in: int, decay: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    scales = decay ** torch.arange(m, dtype=torch.float64)
+    L = torch.linalg.qr(torch.randn(d_out, m, generator=gen, dtype=torch.float64))[0] * scales
+    Rt = torch.linalg.qr(torch.randn(d_in, m, generator=gen, dtype=torch.float64))[0].T
+    return L, Rt
+
+
+def test_thin_svd_top_is_the_leading_part_of_the_full_svd() -> None:
+    gen = torch.Generator().manual_seed(3)
+    L, Rt = torch.randn(40, 12, generator=gen), torch.randn(12, 30, generator=gen)
+    u, s, vh = thin_svd(L, Rt, dtype=torch.float64)
+    ut, st, vht = thin_svd(L, Rt, dtype=torch.float64, top=5)
+    assert st.shape == (5,) and ut.shape == (40, 5) and vht.shape == (5, 30)
+    torch.testing.assert_close((ut * st) @ vht, (u[:, :5] * s[:5]) @ vh[:5], atol=1e-10, rtol=0)
+
+
+def test_randomized_top_svd_is_exact_on_a_decaying_spectrum() -> None:
+    L, Rt = _low_rank(300, 120, 200, decay=0.8, seed=0)
+    u, s, vh = randomized_top_svd(L, Rt, k=8)
+    ue, se, vhe = thin_svd(L, Rt, dtype=torch.float64, top=8)
+    torch.testing.assert_close(s, se, atol=1e-10 * se[0], rtol=0)
+    torch.testing.assert_close((u * s) @ vh, (ue * se) @ vhe, atol=1e-9 * se[0], rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_randomized_top_svd_is_near_optimal_on_a_flat_spectrum_and_deterministic() -> None:
+    """Random factors (a flat spectrum, the hard case): the rank-k error is within 2 % of Eckart-Young's."""
+    gen = torch.Generator().manual_seed(1)
+    L, Rt = torch.randn(256, 160, generator=gen), torch.randn(160, 192, generator=gen)
+    dense = (L @ Rt).double()
+    u, s, vh = randomized_top_svd(L, Rt, k=16, seed=7)
+    optimal = torch.linalg.svdvals(dense)[16:].norm()
+    assert (dense - (u * s) @ vh).norm() <= 1.02 * optimal
+    again = randomized_top_svd(L, Rt, k=16, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip((u, s, vh), again, strict=True))
+
+
+def test_randomized_top_svd_is_exact_when_the_sketch_covers_the_stack() -> None:
+    """width = k + oversample >= m: the sketch spans the whole column space, so nothing is approximated."""
+    gen = torch.Generator().manual_seed(2)
+    L, Rt = torch.randn(64, 10, generator=gen, dtype=torch.float64), torch.randn(10, 48, generator=gen,
+                                                                               dtype=torch.float64)
+    u, s, vh = randomized_top_svd(L, Rt, k=4)
+    ue, se, vhe = thin_svd(L, Rt, dtype=torch.float64, top=4)
+    torch.testing.assert_close((u * s) @ vh, (ue * se) @ vhe, atol=1e-10 * se[0], rtol=0)
+
+
+def test_cost_ratio_prefers_randomized_only_for_wide_stacks() -> None:
+    assert top_svd_cost_ratio(m=48, k=16) < 1 < top_svd_cost_ratio(m=1600, k=16)

@@ -43,12 +43,16 @@ class AggregatorConfig:
     fair_lambda: float = 0.01
     fair_steps: int = 200
     fair_lr: float = 1e-2
+    # FlexLoRA: top-r_max SVD of the stacked updates, "exact" (thin QR + core SVD), "randomized" or "auto".
+    flex_svd: str = "auto"
 
     def __post_init__(self) -> None:
         if self.weighting not in ("num_examples", "uniform"):
             raise ValueError(
                 f"aggregation.weighting={self.weighting!r} is not valid; use 'num_examples' or 'uniform'"
             )
+        if self.flex_svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method.flex-svd={self.flex_svd!r} is not valid; use 'auto', 'exact' or 'randomized'")
         if self.rank < 1:
             raise ValueError(f"adapter.rank={self.rank} must be >= 1")
 

@@ -9,6 +9,9 @@ best rank-r_max approximation as thin SVD factors (spec sections 8 and 11):
 
 ``dW`` is never materialised: :func:`fedlora.aggregation.linalg.thin_svd` factors the stacked
 ``L = [p_1 s_1 B_1, ..., p_K s_K B_K]`` (d_out, sum r_k) and ``Rt = [A_1; ...; A_K]`` (sum r_k, d_in).
+When the stack is wide (many clients) and only r_max directions are kept, a seeded randomized range finder
+(:func:`fedlora.aggregation.linalg.randomized_top_svd`) is cheaper; ``config.flex_svd`` picks: "exact",
+"randomized", or "auto" (randomized when its flop count is lower, about sum r_k > 5 (r_max + 16)).
 When ``dW`` has fewer than r_max triplets (sum r_k < r_max, or a thin layer), B_g gets zero columns and A_g
 is completed with orthonormal rows orthogonal to the kept ones (deterministic, seeded by ``config.seed``) so
 a client's unused rank directions still receive gradients; A_g keeps orthonormal rows whenever
@@ -35,13 +38,20 @@ import torch
 
 from fedlora import naming
 from fedlora.aggregation.base import ClientUpdate, register
-from fedlora.aggregation.linalg import thin_svd
+from fedlora.aggregation.linalg import randomized_top_svd, thin_svd, top_svd_cost_ratio
 from fedlora.aggregation.scaled_global import ScaledGlobalLoRA
 
 
 @register
 class FlexLoRA(ScaledGlobalLoRA):
     name = "flexlora"
+
+    def use_randomized(self, m: int) -> bool:
+        """Randomized top-r_max SVD instead of the exact thin SVD of a stack of width ``m`` (= sum r_k)?"""
+        mode = self.config.flex_svd
+        if mode == "auto":
+            return top_svd_cost_ratio(m, self.config.rank) > 1.0
+        return mode == "randomized"
 
     def aggregate(
         self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
@@ -54,7 +64,11 @@ class FlexLoRA(ScaledGlobalLoRA):
             scaled = zip(factors, p, updates, strict=True)
             left = torch.cat([pk * self.config.scaling(u.rank) * b for (_, b), pk, u in scaled], dim=1)
             right = torch.cat([a for a, _ in factors], dim=0)
-            u_, s, vh = thin_svd(left, right, dtype=torch.float64, top=r)
+            if self.use_randomized(left.shape[1]):
+                # float32 for the wide products (the uploads are float32), float64 for the small factorisations
+                u_, s, vh = randomized_top_svd(left.float(), right.float(), r, seed=self.config.seed)
+            else:
+                u_, s, vh = thin_svd(left, right, dtype=torch.float64, top=r)
             k = min(r, s.numel())
             b_g = torch.zeros(d_out, r, dtype=torch.float64)
             b_g[:, :k] = u_[:, :k] * s[:k]
