@@ -111,11 +111,9 @@ def test_hetlora_norm_weights_per_layer_from_factors() -> None:
         ]
         raw = [pk * nk for pk, nk in zip(p, norms, strict=True)]
         expected = [x / sum(raw) for x in raw]
-        factors = [
-            (u.tensors[naming.key(layer, "A")].to(F64), (ALPHA / u.rank) * u.tensors[naming.key(layer, "B")].to(F64))
-            for u in updates
-        ]
-        assert agg.layer_weights(factors, p) == pytest.approx(expected, rel=1e-9)
+        sq = torch.cat([agg.sq_norms(u.tensors[naming.key(layer, "A")][None],
+                                     (ALPHA / u.rank) * u.tensors[naming.key(layer, "B")][None]) for u in updates])
+        assert agg.layer_weights(sq, p) == pytest.approx(expected, rel=1e-6)
 
 
 def test_hetlora_equal_norms_at_full_rank_is_plain_weighted_mean() -> None:

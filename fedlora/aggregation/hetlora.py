@@ -40,15 +40,19 @@ class HetLoRA(ScaledGlobalLoRA):
     name = "hetlora"
     norm_weighted: bool = True  # False: plain zero-padding with w_k = p_k
 
-    def layer_weights(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], p: Sequence[float]) -> list[float]:
-        """w_k for one layer from the clients' scaled factors ``(A_k, s_k B_k)`` and base weights p_k."""
+    @staticmethod
+    def sq_norms(a: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+        """||sB_k A_k||_F^2 for stacks a (n, r, d_in), sb (n, d_out, r), from r x r Grams (float64):
+        ||B A||_F^2 = sum((B^T B) * (A A^T)), never a (d_out, d_in) matrix."""
+        gram_b = torch.bmm(sb.transpose(1, 2), sb).double()
+        gram_a = torch.bmm(a, a.transpose(1, 2)).double()
+        return (gram_b * gram_a).sum(dim=(1, 2))
+
+    def layer_weights(self, sq_norms: torch.Tensor, p: Sequence[float]) -> list[float]:
+        """w_k for one layer from the squared norms ||s_k B_k A_k||_F^2 of the clients' updates and p_k."""
         if not self.norm_weighted:
             return list(p)
-        norms = []
-        for a, sb in factors:
-            sq = torch.trace((sb.T @ sb) @ (a @ a.T))
-            norms.append(float(sq.clamp_min(0).sqrt()))
-        raw = [pk * nk for pk, nk in zip(p, norms, strict=True)]
+        raw = [pk * float(nk) for pk, nk in zip(p, sq_norms.clamp_min(0).sqrt(), strict=True)]
         total = sum(raw)
         if total <= 0:
             return list(p)
@@ -57,21 +61,31 @@ class HetLoRA(ScaledGlobalLoRA):
     def aggregate(
         self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
     ) -> OrderedDict[str, torch.Tensor]:
+        """Clients of equal rank are stacked, so a layer costs a few batched products per distinct rank
+        rather than a Python loop over clients (100 clients x 64 layers at 4096 x 16 was 16 s that way)."""
         p = self.weights(updates)
         out = self.average_extras(state, updates, p)
         r = self.config.rank
+        groups: dict[int, list[int]] = {}
+        for i, u in enumerate(updates):
+            groups.setdefault(u.rank, []).append(i)
         for layer, (d_out, d_in) in self.layer_dims(state).items():
-            factors = []
-            for u in updates:
-                a, b = self.client_factors(u, layer, d_out, d_in)
-                factors.append((a, self.config.scaling(u.rank) * b))
-            w = self.layer_weights(factors, p)
+            stacks = {}
+            sq = torch.zeros(len(updates), dtype=torch.float64)
+            for rk, idx in groups.items():
+                pairs = [self.client_factors(updates[i], layer, d_out, d_in, dtype=torch.float32) for i in idx]
+                a = torch.stack([a for a, _ in pairs])  # (n, rk, d_in)
+                sb = torch.stack([b for _, b in pairs]) * self.config.scaling(rk)  # (n, d_out, rk)
+                sq[idx] = self.sq_norms(a, sb)
+                stacks[rk] = (idx, a, sb)
+            w = torch.tensor(self.layer_weights(sq, p), dtype=torch.float64)
             a_g = torch.zeros(r, d_in, dtype=torch.float64)
             b_g = torch.zeros(d_out, r, dtype=torch.float64)
-            for (a, sb), wk in zip(factors, w, strict=True):
-                rk = a.shape[0]
-                a_g[:rk] += wk * a  # rows rk..r_max: zero padding, contributes nothing
-                b_g[:, :rk] += wk * sb
+            for rk, (idx, a, sb) in stacks.items():
+                wk = w[idx].to(torch.float32)
+                # rows/columns rk..r_max get nothing: zero padding contributes exactly zero
+                a_g[:rk] += torch.tensordot(wk, a, dims=1).double()
+                b_g[:, :rk] += torch.tensordot(wk, sb, dims=1).double()
             out[naming.key(layer, "A")] = a_g.to(torch.float32)
             out[naming.key(layer, "B")] = b_g.to(torch.float32)
         return out

@@ -63,9 +63,9 @@ class ScaledGlobalLoRA(Aggregator):
         return out
 
     def client_factors(
-        self, u: ClientUpdate, layer: str, d_out: int, d_in: int
+        self, u: ClientUpdate, layer: str, d_out: int, d_in: int, dtype: torch.dtype = torch.float64
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_k, B_k) of one client as float64, after checking its rank and shapes."""
+        """(A_k, B_k) of one client as ``dtype``, after checking its rank and shapes."""
         self.check_rank(u.rank)
         ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
         a, b = u.tensors[ka], u.tensors[kb]
@@ -74,4 +74,4 @@ class ScaledGlobalLoRA(Aggregator):
                 f"client {u.client_id} sent {ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} "
                 f"but reports rank {u.rank}; expected ({u.rank}, {d_in}) and ({d_out}, {u.rank})"
             )
-        return a.to(torch.float64), b.to(torch.float64)
+        return a.to(dtype), b.to(dtype)
