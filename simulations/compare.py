@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.cli import parse_overrides, quiet_flower
+from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import empty_rounds, finished, metrics, run_method
+from simulations.cells import add_common_arguments, metrics, preset_base, run_or_reuse
 
 COLUMNS = ["method", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
@@ -138,36 +137,25 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from fedlora.aggregation import available
 
     p.add_argument("--methods", default=",".join(available()), help="aggregators, comma-separated (default: all)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", default="tiny", help="tiny | minilm | local model folder")
-    which.add_argument("--real", action="store_true", help="the pretrained MiniLM with its settings")
+    add_common_arguments(p, real_help="the pretrained MiniLM with its settings", per="method")
     p.add_argument("--data", help="austen (built in) | a local data folder")
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (smaller = more skewed)")
     p.add_argument("--ranks", default="", help="per-client ranks for flora/flexlora/hetlora, e.g. 2,4,8")
-    p.add_argument("--rounds", type=int, help="server rounds (default: the model's preset)")
-    p.add_argument("--num-clients", type=int, help="clients per federation (default 4)")
     p.add_argument("--seed", type=int)
     p.add_argument("--output", default="runs/compare", help="folder for the methods' runs and compare.md/csv/png")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key for every method, e.g. adapter.rank=4")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_flower()
-    model = "minilm" if args.real else args.model
-    preset = PRESETS.get(model, DEFAULT_PRESET)
-    rounds = args.rounds or preset["rounds"]
-    num_clients = args.num_clients or preset["num_clients"]
-    base: dict[str, Any] = {**preset["overrides"], "model.name": model, "num-server-rounds": rounds,
-                            "data.partition": args.partition, "data.dirichlet-alpha": args.alpha}
+    extra: dict[str, Any] = {"data.partition": args.partition, "data.dirichlet-alpha": args.alpha}
     if args.data:
-        base["data.source"] = args.data
+        extra["data.source"] = args.data
     if args.seed is not None:
-        base["seed"] = args.seed
-    base.update(parse_overrides(args.set))
+        extra["seed"] = args.seed
+    model, rounds, num_clients, base = preset_base(args, PRESETS, DEFAULT_PRESET, extra)
     root = Path(args.output)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -180,18 +168,7 @@ def run(args: argparse.Namespace) -> int:
     for i, method in enumerate(methods, 1):
         out, cfg = root / method, configs[method]
         tag = f"[{i}/{len(methods)}] {method}"
-        summary = finished(out, cfg)
-        if summary is not None:
-            print(f"{tag} ... reused {out} (final acc {_f(summary.get('final_accuracy'))})", flush=True)
-        else:
-            print(f"{tag} ... running -> {out}", flush=True)
-            t0 = time.perf_counter()
-            summary = run_method(method, cfg, out, num_clients)
-            print(f"{tag} ... final acc {_f(summary.get('final_accuracy'))} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-        if bad := empty_rounds(out):
-            print(f"{tag} ... WARNING: no client update aggregated in round(s) {bad}; see the 'rejected' reasons "
-                  f"in {out / 'metrics.jsonl'}", flush=True)
+        summary = run_or_reuse(tag, method, cfg, out, num_clients)
         histories[method] = metrics(out)
         rows.append(row(method, partition, summary, histories[method]))
 

@@ -18,13 +18,12 @@ import argparse
 import csv
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.cli import parse_overrides, quiet_flower
+from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import empty_rounds, finished, run_method
+from simulations.cells import add_common_arguments, preset_base, run_or_reuse
 
 COLUMNS = ["method", "epsilon", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_up_per_round", "wall_seconds"]
@@ -138,25 +137,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sweep's options on ``p`` (its own parser or a ``fedlora sweep`` subparser); sets ``func=run``."""
     p.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons, comma-separated; inf = no DP")
     p.add_argument("--methods", default="fedit,ffa,fed_sb,fedsvd", help="aggregators, comma-separated")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", default="tiny", help="tiny | minilm | local model folder")
-    which.add_argument("--real", action="store_true", help="the pretrained MiniLM with its settings (5 rounds)")
-    p.add_argument("--rounds", type=int, help="server rounds per cell (default: the model's preset)")
-    p.add_argument("--num-clients", type=int, help="clients per federation (default 4)")
+    add_common_arguments(p, real_help="the pretrained MiniLM with its settings (5 rounds)", per="cell")
     p.add_argument("--output", default="runs/privacy-sweep", help="sweep folder (cells, sweep.csv/md/png)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key for every cell, e.g. train.batch-size=32 or privacy.mode=client")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_flower()
-    model = "minilm" if args.real else args.model
-    preset = PRESETS.get(model, DEFAULT_PRESET)
-    rounds = args.rounds or preset["rounds"]
-    num_clients = args.num_clients or preset["num_clients"]
-    base = {**preset["overrides"], "model.name": model, "num-server-rounds": rounds, **parse_overrides(args.set)}
+    model, rounds, num_clients, base = preset_base(args, PRESETS, DEFAULT_PRESET)
     epsilons = parse_epsilons(args.epsilons)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     root = Path(args.output)
@@ -167,19 +156,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[tuple[str, float], dict] = {}
     for i, ((method, eps, out), cfg) in enumerate(zip(cells, configs, strict=True), 1):
         tag = f"[{i}/{len(cells)}] {method} eps={eps_label(eps)}"
-        summary = finished(out, cfg)
-        if summary is not None:
-            print(f"{tag} ... reused {out} (final acc {_f(summary.get('final_accuracy'))})", flush=True)
-        else:
-            print(f"{tag} ... running -> {out}", flush=True)
-            t0 = time.perf_counter()
-            summary = run_method(method, cfg, out, num_clients)
-            spent = "" if summary.get("epsilon") is None else f", epsilon spent {summary['epsilon']:.2f}"
-            print(f"{tag} ... final acc {_f(summary.get('final_accuracy'))}{spent} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        if bad := empty_rounds(out):
-            print(f"{tag} ... WARNING: no client update aggregated in round(s) {bad}; see the 'rejected' "
-                  f"reasons in {out / 'metrics.jsonl'} (delete {out} to re-run it)", flush=True)
+        summary = run_or_reuse(tag, method, cfg, out, num_clients)
         results[method, eps] = summary
 
     rows = [row(m, e, results[m, e]) for m in methods for e in epsilons]

@@ -12,7 +12,9 @@ import math
 
 import pytest
 
+from fedlora.cli import parse_overrides
 from simulations import privacy_sweep
+from simulations.cells import finished
 
 FAST = ["train.local-steps=2", "train.batch-size=8", "model.max-length=32", "data.max-eval-examples=64",
         "fraction-evaluate=0", "adapter.rank=4", "data.partition=iid"]
@@ -80,11 +82,11 @@ def test_sweep_without_dp(sweep_dir, capsys):
     check_resume(sweep_dir, "inf", capsys)
     # A cell is reused only for the same config: other rounds or another --set value re-run it.
     out = sweep_dir / "fedit-epsinf"
-    base = {"num-server-rounds": 1, **privacy_sweep.parse_overrides(FAST)}
-    assert privacy_sweep.finished(out, privacy_sweep.cell_config(base, "fedit", math.inf, out)) is not None
+    base = {"num-server-rounds": 1, **parse_overrides(FAST)}
+    assert finished(out, privacy_sweep.cell_config(base, "fedit", math.inf, out)) is not None
     for change in ({"num-server-rounds": 2}, {"adapter.rank": 8}, {"seed": 7}):
         cfg = privacy_sweep.cell_config({**base, **change}, "fedit", math.inf, out)
-        assert privacy_sweep.finished(out, cfg) is None, change
+        assert finished(out, cfg) is None, change
 
 
 def test_sweep_with_dp(sweep_dir, capsys):
