@@ -8,7 +8,10 @@ finished run with the same config is reused: an interrupted experiment continues
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +115,24 @@ def preset_base(args: argparse.Namespace, presets: dict[str, dict[str, Any]], de
     base = {**preset["overrides"], "model.name": model, "num-server-rounds": rounds, **(extra or {}),
             **parse_overrides(args.set)}
     return model, rounds, args.num_clients or preset["num_clients"], base
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
+    """One row per cell; a missing value (None) is an empty field."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+def runner_main(add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser], description: str,
+                prog: str, argv: list[str] | None) -> int:
+    """``python -m simulations.<runner>``: parse, run, and turn a config error into one line and exit status 2."""
+    from fedlora.config import ConfigError
+
+    args = add_arguments(argparse.ArgumentParser(description=description)).parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return 2

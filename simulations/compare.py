@@ -17,14 +17,12 @@ reused (delete a method's folder to redo it).
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 from typing import Any
 
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import add_common_arguments, metrics, preset_base, run_or_reuse
+from simulations.cells import add_common_arguments, metrics, preset_base, run_or_reuse, runner_main, write_csv
 
 COLUMNS = ["method", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
@@ -90,13 +88,6 @@ def table(rows: list[dict]) -> str:
                      f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
                      f"{_f(r['exactness_max'], '.1e')} | {_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
 
 def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -178,19 +169,14 @@ def run(args: argparse.Namespace) -> int:
     print(header)
     print(md)
     (root / "compare.md").write_text(f"{header}\n\n{md}\n")
-    write_csv(rows, root / "compare.csv")
+    write_csv(rows, root / "compare.csv", COLUMNS)
     plot(histories, root / "compare.png", f"{model}, {num_clients} clients, {partition}")
     print(f"compare: {len(methods)} methods -> {root}/compare.{{md,csv,png}}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"compare: config error: {e}", file=sys.stderr)
-        return 2
+    return runner_main(add_arguments, __doc__.splitlines()[0], "compare", argv)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ reused, so an interrupted sweep continues where it stopped (delete a cell's fold
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import add_common_arguments, preset_base, run_or_reuse
+from simulations.cells import add_common_arguments, preset_base, run_or_reuse, runner_main, write_csv
 
 COLUMNS = ["method", "epsilon", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_up_per_round", "wall_seconds"]
@@ -98,13 +96,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Final accuracy vs epsilon on a log axis; the no-DP point sits one step right of the largest epsilon."""
     import matplotlib
@@ -163,19 +154,14 @@ def run(args: argparse.Namespace) -> int:
     md = table(rows)
     print(md)
     (root / "sweep.md").write_text(md + "\n")
-    write_csv(rows, root / "sweep.csv")
+    write_csv(rows, root / "sweep.csv", COLUMNS)
     plot(rows, root / "sweep.png")
     print(f"sweep: {len(cells)} cells -> {root}/sweep.{{md,csv,png}}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"privacy_sweep: config error: {e}", file=sys.stderr)
-        return 2
+    return runner_main(add_arguments, __doc__.splitlines()[0], "privacy_sweep", argv)
 
 
 if __name__ == "__main__":
