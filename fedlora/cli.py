@@ -1,4 +1,5 @@
-"""``fedlora``: run a federation without writing a pyproject, list methods, show the default config.
+"""``fedlora``: run a federation, compare methods, sweep privacy budgets, set up a deployment (certificates,
+node keys, registration), list methods and show the default config.
 
 ``fedlora run`` starts Flower's simulation engine (ray) in this process, with the same ServerApp and ClientApp
 that ``flwr run .`` uses; ``--engine inprocess`` swaps ray for an in-process grid (fast, for debugging).
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedlora", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated fine-tuning simulation")
-    run.add_argument("--method", help="aggregator: fedit ffa flora lora_fair fed_sb fedsvd")
+    run.add_argument("--method", help="aggregator (see `fedlora methods`), e.g. fedit, fedsvd, flexlora")
     run.add_argument("--model", help="tiny | minilm | local model folder")
     run.add_argument("--data", help="austen | local data folder")
     run.add_argument("--rounds", type=int)

@@ -35,7 +35,7 @@ class AdapterConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank r (global rank for homogeneous methods)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling s = alpha / r"})
     ranks: str = field(default="", metadata={"help": "per-client ranks '4,8,16': client i gets ranks[i % n] "
-                                                     "(flora only)"})
+                                                     "(flora, flexlora, hetlora)"})
     target_modules: str = field(default="query,value", metadata={"help": "comma-separated module names/regex"})
     dropout: float = 0.0
     head: str = field(default="classifier", metadata={"help": "trainable, aggregated task-head modules ('' = none)"})
@@ -60,7 +60,8 @@ class AdapterConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = field(default="fedit", metadata={"help": "fedit | ffa | flora | lora_fair | fed_sb | fedsvd"})
+    name: str = field(default="fedit", metadata={"help": "aggregator: fedit | ffa | flora | lora_fair | fed_sb | "
+                                                       "fedsvd | flexlora | hetlora"})
     weighting: str = field(default="num_examples", metadata={"help": "num_examples | uniform"})
     fair_lambda: float = 0.01
     fair_steps: int = 200
