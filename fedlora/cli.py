@@ -1,5 +1,7 @@
-"""``fedlora``: run a federation, compare methods, sweep privacy budgets, set up a deployment (certificates,
-node keys, registration), list methods and show the default config.
+"""``fedlora``: run a federation, compare methods, sweep privacy budgets, set up a deployment.
+
+Deployment helpers make certificates, node keys and registrations; ``methods`` and ``config`` list the
+aggregators and every run-config key with its default.
 
 ``fedlora run`` starts Flower's simulation engine (ray) in this process, with the same ServerApp and ClientApp
 that ``flwr run .`` uses; ``--engine inprocess`` swaps ray for an in-process grid (fast, for debugging).
