@@ -61,7 +61,14 @@ def test_ray_simulation(method, tmp_path):
         state = {la: state[naming.key(la, b_role)] @ state[naming.key(la, a_role)] for la in layers}
         local = {la: local[naming.key(la, b_role)] @ local[naming.key(la, a_role)] for la in layers}
     # Tolerance, not equality: ray actors may use another intra-op thread count (float summation order).
-    assert all(torch.allclose(state[k], local[k], rtol=1e-4, atol=1e-5) for k in state)
+    # LoRA-FAIR's dB is the best iterate of an Adam run stopped when the loss moves by < 1e-9: inputs that differ
+    # at float rounding can stop it some steps apart (seen under load: |dB| differences ~2e-5 on |B| ~1.4e-2),
+    # so its B gets a solver-sized tolerance; its A is a plain mean and stays held tight.
+    loose = {k for k in state if method == "lora_fair" and (s := naming.split(k)) and s[1] == "B"}
+    for k in state:
+        rtol, atol = (1e-2, 1e-4) if k in loose else (1e-4, 1e-5)
+        diff = float((state[k] - local[k]).abs().max())
+        assert torch.allclose(state[k], local[k], rtol=rtol, atol=atol), f"{k}: max |ray - in-process| = {diff:.3g}"
 
 
 def test_flwr_run_local_simulation(tmp_path):
