@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,55 @@ def batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator)
     return out
 
 
+BatchLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, int, int]]
+
+
+def classification_loss(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
+                        ) -> tuple[torch.Tensor, int, int]:
+    """(mean cross-entropy, correct predictions, examples) of the mini-batch ``idx``."""
+    logits = model(**take_batch(enc, idx)).logits
+    loss = nn.functional.cross_entropy(logits, labels[idx])
+    return loss, int((logits.argmax(-1) == labels[idx]).sum()), len(idx)
+
+
+def optimise(
+    model: nn.Module,
+    enc: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    loss_fn: BatchLoss = classification_loss,
+) -> tuple[list[float], int, int]:
+    """AdamW over the model's trainable parameters for ``steps`` steps of ``loss_fn``; returns the per-step
+    losses and the summed (correct, counted) of ``loss_fn`` (examples or tokens, per task).
+
+    A fresh optimizer each round, as in the FedSVD and FLoRA reference code: optimizer moments of a previous
+    global model would be stale after aggregation.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    correct = counted = 0
+    for idx in batch_order(len(labels), batch_size, steps, gen):
+        loss, c, k = loss_fn(model, enc, labels, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+        correct, counted = correct + c, counted + k
+    model.eval()
+    return losses, correct, counted
+
+
 def train_local(
     model: nn.Module,
     enc: dict[str, torch.Tensor],
@@ -47,30 +96,8 @@ def train_local(
     max_grad_norm: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """AdamW over the model's trainable parameters (adapters + head) for ``steps`` steps.
-
-    A fresh optimizer each round, as in the FedSVD and FLoRA reference code: optimizer moments of a previous
-    global model would be stale after aggregation.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    losses: list[float] = []
-    correct = seen = 0
-    for idx in batch_order(len(labels), batch_size, steps, gen):
-        batch = take_batch(enc, idx)
-        logits = model(**batch).logits
-        loss = nn.functional.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        losses.append(loss.item())
-        correct += int((logits.argmax(-1) == labels[idx]).sum())
-        seen += len(idx)
-    model.eval()
+    """Classification: :func:`optimise` on the adapters + head; loss, accuracy, first/last loss."""
+    losses, correct, seen = optimise(model, enc, labels, steps, batch_size, lr, weight_decay, max_grad_norm, seed)
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(seen, 1),
             "first_loss": losses[0], "last_loss": losses[-1]}
 

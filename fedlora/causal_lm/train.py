@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.causal_lm.data import IGNORE, eos_id
-from fedlora.train import batch_order, take_batch
+from fedlora.train import optimise, take_batch
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,27 +67,12 @@ def train_local_lm(
     max_grad_norm: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """AdamW over the trainable tensors (the adapters) for ``steps`` steps; a fresh optimizer each round, as
-    in :func:`fedlora.train.train_local`. Metrics: loss, token accuracy, first/last loss, tokens seen."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(enc["input_ids"])
-    model.train()
-    losses: list[float] = []
-    correct = tokens = 0
+    """:func:`fedlora.train.optimise` with the per-sequence token loss on the adapters. Metrics: loss, token
+    accuracy, first/last loss, tokens seen."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # adapter dropout
-        for idx in batch_order(n, batch_size, steps, gen):
-            loss, c, t = batch_loss(model, enc, enc["labels"], idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            losses.append(loss.item())
-            correct, tokens = correct + c, tokens + t
-    model.eval()
+        losses, correct, tokens = optimise(model, enc, enc["labels"], steps, batch_size, lr, weight_decay,
+                                           max_grad_norm, seed, loss_fn=batch_loss)
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(tokens, 1),
             "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": float(tokens)}
 
