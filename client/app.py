@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: flower.md trap 7)
+import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: docs/flower-notes.md note 7)
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

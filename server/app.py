@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: flower.md trap 7)
+import torch  # noqa: F401  (flwr's ArrayRecord <-> torch conversion needs torch imported: docs/flower-notes.md note 7)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 

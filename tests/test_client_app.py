@@ -20,7 +20,7 @@ NUM_NODES = 3
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    # Message(...) reads the process-global task identity (flower.md trap 8).
+    # Message(...) reads the process-global task identity (docs/flower-notes.md note 8).
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 

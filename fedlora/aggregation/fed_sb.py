@@ -1,7 +1,7 @@
 """Fed-SB: LoRA-SB's ``W0 + s B R A`` with B, A shared and frozen; clients train and send only R (r, r).
 
 Since B and A are identical everywhere, ``B (sum p_k R_k) A == sum p_k B R_k A``: averaging R is exact
-and the uplink is r^2 per layer, independent of d and of the number of clients (spec sections 5, 6).
+and the uplink is r^2 per layer, independent of d and of the number of clients (docs/algorithms.md sections 5, 6).
 """
 
 from __future__ import annotations

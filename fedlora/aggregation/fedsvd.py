@@ -2,7 +2,7 @@
 
 Clients train B against a shared A; the server averages B (exact, as in FFA-LoRA) and re-factorises
 ``B_bar @ A_prev = U S Vh`` so that the next round's A = Vh_r has orthonormal rows aligned with the
-directions the federation actually moved, and B = U_r S_r carries the whole update (spec section 4).
+directions the federation actually moved, and B = U_r S_r carries the whole update (docs/algorithms.md section 4).
 The SVD goes through :func:`fedlora.aggregation.linalg.thin_svd`; no (d_out, d_in) matrix is formed.
 """
 

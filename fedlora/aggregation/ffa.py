@@ -1,7 +1,7 @@
 """FFA-LoRA: A is random, shared and frozen; clients train B only, so averaging B is exact.
 
 Because every client multiplies by the same A, ``(sum p_k B_k) A == sum p_k (B_k A)``: the inexactness of
-FedIT disappears at the price of a fixed random subspace (spec section 2).
+FedIT disappears at the price of a fixed random subspace (docs/algorithms.md section 2).
 """
 
 from __future__ import annotations

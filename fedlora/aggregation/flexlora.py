@@ -3,7 +3,7 @@
 Clients of heterogeneous ranks r_k <= r_max (``config.rank`` is r_max, the largest client rank) train a
 standard LoRA ``(A_k, B_k)`` and continue from what the server sends them. The server forms the global
 update ``dW = sum_k p_k s_k B_k A_k`` (s_k = alpha / r_k, p_k from :meth:`Aggregator.weights`) and keeps its
-best rank-r_max approximation as thin SVD factors (spec sections 8 and 11):
+best rank-r_max approximation as thin SVD factors (docs/algorithms.md sections 8 and 11):
 
     B_g = U_r S_r   (d_out, r_max),   A_g = Vh_r   (r_max, d_in),   dW_g = B_g A_g   ("scaled" space: no s).
 
@@ -23,7 +23,7 @@ is the best rank-r_k approximation of dW_g (Eckart-Young). All of S goes into B 
 paper's split is UNCONFIRMED), so A_k has orthonormal rows. The payload is a pure function of
 (state, rank): a client that gets the whole state can cut it itself.
 
-Choices marked UNCONFIRMED in the spec: p_k = n_k weighting (``config.weighting`` may make it uniform); the
+Choices marked UNCONFIRMED in docs/algorithms.md section 8: p_k = n_k weighting (``config.weighting`` may make it uniform); the
 truncation residual is dropped, never merged into W0. ``init_state`` keeps the injected init: A_g = init A
 (not orthonormalised), B_g = 0, i.e. dW_g = 0, so round-0 clients start from a standard PEFT init.
 Extras (the head) are averaged with p_k.

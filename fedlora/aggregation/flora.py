@@ -3,7 +3,7 @@
 Clients start each round from a fresh adapter of their own rank on top of the merged base. The server
 keeps no A/B: it keeps the cumulative merged update in factored form, ``merged_B`` (d_out, m) and
 ``merged_A`` (m, d_in), with p_k and the scaling s_k folded into A's rows so heterogeneous ranks (and
-scalings) mix exactly (spec section 3). Clients apply ``W = W0 + merged_B @ merged_A``. When m outgrows
+scalings) mix exactly (docs/algorithms.md section 3). Clients apply ``W = W0 + merged_B @ merged_A``. When m outgrows
 min(d_out, d_in) the factors are recompressed without changing their product.
 """
 

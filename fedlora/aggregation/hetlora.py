@@ -1,4 +1,4 @@
-"""HetLoRA (Cho et al. 2024): heterogeneous ranks by truncation and zero-padding (spec section 9).
+"""HetLoRA (Cho et al. 2024): heterogeneous ranks by truncation and zero-padding (docs/algorithms.md section 9).
 
 The server keeps a global rank-r_max LoRA (``config.rank`` is r_max, the largest client rank) stored, like
 FlexLoRA, in "scaled" space: the global update is ``B_g A_g`` with no scaling factor. A client of rank r_k
@@ -12,7 +12,7 @@ and s_k B_k to r_max columns, and the padded factors are averaged separately:
     A_g = sum_k w_k pad(A_k),   B_g = sum_k w_k pad(s_k B_k).
 
 Padded rows/columns contribute exactly zero, so a rank-2 client only moves the first 2 rows of A_g and
-columns of B_g. The weights are the paper's *sparsity-weighted* aggregation as read in the spec (exact form
+columns of B_g. The weights are the paper's *sparsity-weighted* aggregation as read in docs/algorithms.md section 9 (exact form
 UNCONFIRMED): per layer, ``w_k proportional to p_k * ||s_k B_k A_k||_F``, normalised to sum 1, with p_k from
 :meth:`Aggregator.weights` (n_k or uniform per ``config.weighting``). The norm comes from the thin factors,
 ``||B A||_F^2 = tr((B^T B)(A A^T))``, never a (d_out, d_in) matrix. If every update of a layer is zero the

@@ -2,7 +2,7 @@
 
 Aggregators that re-factorise adapters (FedSVD, FLoRA's recompression, FlexLoRA) only ever hold thin
 factors. Two reduced QRs and an SVD of an (m, m) core cost O((d_out + d_in) m^2 + m^3) instead of the
-O(d_out d_in min(d_out, d_in)) of a dense SVD (spec section 11). Work happens in float64 so the factored
+O(d_out d_in min(d_out, d_in)) of a dense SVD (docs/algorithms.md section 11). Work happens in float64 so the factored
 path is as accurate as the dense one even for float32 weights.
 """
 

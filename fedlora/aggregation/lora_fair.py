@@ -1,8 +1,8 @@
 """LoRA-FAIR: FedIT plus a server-side residual dB that points (B_bar + dB) A_bar at the ideal update.
 
 FedIT's ``B_bar A_bar`` differs from the ideal ``dW = sum p_k B_k A_k``. LoRA-FAIR keeps A_bar and solves
-``min_dB 1 - cos(vec(dW), vec((B_bar + dB) A_bar)) + lam ||dB||_F`` by Adam (spec section 7; the solver
-details are a fedlora decision). Every term is evaluated through (r, r) traces (spec section 11), so no
+``min_dB 1 - cos(vec(dW), vec((B_bar + dB) A_bar)) + lam ||dB||_F`` by Adam (docs/algorithms.md section 7; the solver
+details are a fedlora decision). Every term is evaluated through (r, r) traces (docs/algorithms.md section 11), so no
 (d_out, d_in) matrix is ever formed.
 """
 

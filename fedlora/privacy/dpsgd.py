@@ -6,7 +6,7 @@ expected batch size, AdamW step. opacus does the middle part; the accountant rec
 
 Why ``grad_sample_mode="hooks"``: with low-rank adapters the per-example gradients are small (B x r x d per
 adapter factor) and every trainable tensor lives in a plain ``nn.Linear`` (A, R, B and the head), for which
-opacus has a hand-written Linear grad sampler. On CPU it was the cheapest mode in the spec's comparison (about
+opacus has a hand-written Linear grad sampler. On CPU it was the cheapest mode in docs/privacy.md's comparison (about
 1.15-1.2x a non-DP step on tiny models, vs 1.5-1.9x for ghost clipping and functorch, which pay a second
 backward or vmap); ``benchmarks/bench_dp.py`` measures 1.2-1.3x on the tiny BERT and 1.02-1.04x on MiniLM,
 where the frozen backbone dominates. "functorch" is accepted too (same results, slower). Ghost clipping only

@@ -92,7 +92,7 @@ def test_flwr_run_local_simulation(tmp_path):
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert all(r["clients_aggregated"] == 2 for r in rows[1:])  # flwr's default: 2 simulated SuperNodes
-    finally:  # the local SuperLink is detached and outlives `flwr run` (flower.md trap 2)
+    finally:  # the local SuperLink is detached and outlives `flwr run` (docs/flower-notes.md note 2)
         _stop_processes_matching(str(home))
 
 
