@@ -17,8 +17,10 @@ from flwr.clientapp import ClientApp
 from fedlora import naming
 from fedlora.aggregation import Aggregator
 from fedlora.client import BudgetExhausted, evaluate_client, fit
+from fedlora.components import make_aggregator, node_data
 from fedlora.config import FedLoraConfig
-from fedlora.task import cached_dataset, make_aggregator, node_data
+from fedlora.privacy import privacy_mode_class
+from fedlora.tasks import get_task
 from fedlora.wire import BUDGET_EXHAUSTED, from_record, to_record
 
 FROZEN_KEY = "fedlora.frozen"
@@ -40,8 +42,10 @@ def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Cont
 
 
 def load_privacy_state(cfg: FedLoraConfig, context: Context, partition_id: int) -> dict | None:
-    """This client's DP accountant: from the context state (simulation, same SuperNode) or, after a SuperNode
-    restart, from its file under privacy.state-dir."""
+    """This client's privacy state (its DP accountant) when its privacy mode keeps one: from the context state
+    (simulation, same SuperNode) or, after a SuperNode restart, from its file under privacy.state-dir."""
+    if not privacy_mode_class(cfg.privacy.mode).client_state:
+        return None
     if PRIVACY_KEY in context.state:
         return json.loads(str(context.state[PRIVACY_KEY]["accountant"]))
     if cfg.privacy.state_dir:
@@ -68,7 +72,7 @@ def _evaluation_split(cfg: FedLoraConfig, context: Context) -> None:
     if "data-path" not in context.node_config:
         return
     try:
-        cached_dataset(cfg.data.source, "test")
+        get_task(cfg).dataset("test")
     except ValueError as e:
         raise ValueError(f"node config data-path={cfg.data.source!r} has no test split for federated evaluation "
                          f"({e}); add test.jsonl there, or run with fraction-evaluate=0") from None
@@ -90,9 +94,9 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         rank = cfg.adapter.rank_for(pid)
         if agg.heterogeneous_ranks and int(msg.content["config"].get("payload-rank", 0)) != rank:
             payload = agg.client_payload(payload, rank)  # the server sent the global state: cut it to our rank
-        privacy_state = load_privacy_state(cfg, context, pid) if cfg.privacy.mode == "sample" else None
         try:
-            res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg, privacy_state)
+            res = fit(cfg, payload, pid, n, int(msg.content["config"]["server-round"]), agg,
+                      load_privacy_state(cfg, context, pid))
         except BudgetExhausted as e:
             return Message(Error(code=BUDGET_EXHAUSTED, reason=str(e)), reply_to=msg)
         if res.privacy_state is not None:

@@ -36,9 +36,11 @@ class AdapterConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling s = alpha / r"})
     ranks: str = field(default="", metadata={"help": "per-client ranks '4,8,16': client i gets ranks[i % n] "
                                                      "(flora, flexlora, hetlora)"})
-    target_modules: str = field(default="query,value", metadata={"help": "comma-separated module names/regex"})
+    target_modules: str = field(default="auto", metadata={"help": "comma-separated module names/regex; 'auto' = "
+                                                                  "the task's default for the model type"})
     dropout: float = 0.0
-    head: str = field(default="classifier", metadata={"help": "trainable, aggregated task-head modules ('' = none)"})
+    head: str = field(default="auto", metadata={"help": "trainable, aggregated task-head modules ('' = none, "
+                                                        "'auto' = the task's head: classifier | none)"})
 
     def targets(self) -> list[str]:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
@@ -58,19 +60,22 @@ class AdapterConfig:
         return {int(r) for r in self.ranks.split(",")} if self.ranks else {self.rank}
 
 
-@dataclass
-class MethodConfig:
-    name: str = field(default="fedit", metadata={"help": "aggregator: fedit | ffa | flora | lora_fair | fed_sb | "
-                                                       "fedsvd | flexlora | hetlora"})
-    weighting: str = field(default="num_examples", metadata={"help": "num_examples | uniform"})
-    fair_lambda: float = 0.01
-    fair_steps: int = 200
-    fair_lr: float = field(default=1e-2, metadata={"help": "LoRA-FAIR Adam step, relative to RMS(B_bar)"})
-    flex_svd: str = field(default="auto", metadata={"help": "FlexLoRA's top-r SVD: exact | randomized | auto "
-                                                            "(randomized when cheaper: many clients)"})
-    sb_init: str = field(default="orthogonal", metadata={"help": "Fed-SB factors: orthogonal (seeded) | "
-                                                                 "gradient (LoRA-SB, server data)"})
-    sb_init_examples: int = 64
+def _method_config() -> type:
+    """[method]: the aggregator's name and weighting, plus every registered method's own ``Options`` fields
+    (declared in the method's file, e.g. ``fair_lambda`` in aggregation/lora_fair.py)."""
+    from fedlora.aggregation import available, option_fields
+
+    shared = [
+        ("name", str, field(default="fedit", metadata={"help": "aggregator: " + " | ".join(available())})),
+        ("weighting", str, field(default="num_examples", metadata={"help": "num_examples | uniform"})),
+    ]
+    own = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in option_fields()]
+    cls = dataclasses.make_dataclass("MethodConfig", shared + own)
+    cls.__module__ = __name__
+    return cls
+
+
+MethodConfig = _method_config()
 
 
 @dataclass
@@ -177,7 +182,12 @@ class FedLoraConfig:
         return cfg
 
     def validate(self) -> None:
-        self._task_defaults()
+        """Checks that need no model or data. What depends on the task, the method or the privacy mode is asked
+        of their classes (``check_config``), so each plug-in states its own constraints."""
+        from fedlora.aggregation import aggregator_class, available
+        from fedlora.privacy import privacy_mode_class, privacy_modes
+        from fedlora.tasks import available_tasks, task_class
+
         checks = [
             (self.run.num_server_rounds >= 1, "num-server-rounds", "must be >= 1"),
             (0.0 < self.run.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]"),
@@ -196,35 +206,19 @@ class FedLoraConfig:
             (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
             (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),
             (bool(self.adapter.targets()), "adapter.target-modules",
-             "must name at least one module, e.g. 'query,value'"),
+             "must name at least one module, e.g. 'query,value', or be 'auto'"),
             (self.train.local_steps >= 1, "train.local-steps", "must be >= 1"),
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.model.max_length >= 8, "model.max-length", "must be >= 8"),
-            (self.data.partition in ("iid", "dirichlet", "label") and
-             (self.data.partition != "label" or self.model.task == "causal_lm"), "data.partition",
-             "must be 'iid' or 'dirichlet' ('label' = one group per client: model.task='causal_lm' only)"),
-            (self.model.task in ("classification", "causal_lm"), "model.task",
-             "must be 'classification' or 'causal_lm'"),
+            (self.model.task in available_tasks(), "model.task", f"must be one of {available_tasks()}"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'"),
-            (self.data.format in ("text", "instruction"), "data.format", "must be 'text' or 'instruction'"),
-            (self.model.task == "causal_lm" or (self.data.format == "text" and not self.data.packing),
-             "data.format", "instruction data and data.packing need model.task='causal_lm'"),
-            (not (self.data.packing and self.privacy.mode == "sample"), "data.packing",
-             "cannot be true with privacy.mode='sample': a packed window mixes documents, so DP-SGD would protect "
-             "windows, not documents; set data.packing=false"),
-            (not (self.model.gradient_checkpointing and self.privacy.mode == "sample"), "model.gradient-checkpointing",
-             "cannot be true with privacy.mode='sample' (opacus' per-sample hooks would see every forward twice); "
-             "set it to false"),
-            (not (self.model.task == "causal_lm" and self.method.sb_init == "gradient"), "method.sb-init",
-             "'gradient' is implemented for classification only; use 'orthogonal' with model.task='causal_lm'"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
+            (self.data.min_partition_size >= 0, "data.min-partition-size", "must be >= 0"),
             (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
              "must be 'num_examples' or 'uniform'"),
-            (self.method.flex_svd in ("auto", "exact", "randomized"), "method.flex-svd",
-             "must be 'auto', 'exact' or 'randomized'"),
-            (self.method.sb_init in ("orthogonal", "gradient"), "method.sb-init", "must be 'orthogonal' or 'gradient'"),
-            (self.privacy.mode in ("none", "sample", "client"), "privacy.mode", "must be 'none', 'sample' or 'client'"),
+            (self.method.name in available(), "method.name", f"is not a known aggregator; choose one of {available()}"),
+            (self.privacy.mode in privacy_modes(), "privacy.mode", f"must be one of {privacy_modes()}"),
             (self.privacy.accountant in ("rdp", "prv"), "privacy.accountant", "must be 'rdp' or 'prv'"),
             (self.privacy.clip > 0, "privacy.clip", "must be > 0"),
             (0 < self.privacy.delta < 1, "privacy.delta", "must be in (0, 1), e.g. 1e-5"),
@@ -233,60 +227,45 @@ class FedLoraConfig:
             (0 < self.privacy.target_quantile < 1, "privacy.target-quantile", "must be in (0, 1)"),
             (self.privacy.clip_lr > 0, "privacy.clip-lr", "must be > 0"),
             (self.privacy.count_noise >= 0, "privacy.count-noise", "must be >= 0 (0 = clients / 20)"),
-            (not self.privacy.adaptive_clip or self.privacy.mode == "client", "privacy.adaptive-clip",
-             "applies to privacy.mode='client' only"),
         ]
+        self.check(checks)
+        task_class(self.model.task).check_config(self)
+        method = aggregator_class(self.method.name)
+        try:
+            method.Options(**{f.name: getattr(self.method, f.name) for f in dataclasses.fields(method.Options)}
+                           ).validate()
+        except ValueError as e:
+            raise ConfigError(f"run-config {e}") from None
+        self._check_ranks(method)
+        privacy_mode_class(self.privacy.mode).check_config(self, method)
+
+    def check(self, checks: list[tuple[bool, str, str]]) -> None:
+        """Raise :class:`ConfigError` for the first (ok, key, fix) that is not ok, naming the key and its value."""
         for ok, key, fix in checks:
             if not ok:
                 raise ConfigError(f"run-config {key}={self._get(key)!r} {fix}")
-        from fedlora.aggregation import available
 
-        if self.method.name not in available():
-            raise ConfigError(f"run-config method.name={self.method.name!r} is not a known aggregator; "
-                              f"choose one of {available()}")
-        p = self.privacy
-        if p.mode != "none" and p.noise_multiplier == 0 and p.target_epsilon == 0:
-            raise ConfigError(
-                f"privacy.mode={p.mode!r} needs privacy.target-epsilon > 0 or privacy.noise-multiplier > 0"
-            )
-        if p.mode == "client":
-            from fedlora.privacy.client_level import LINEAR_METHODS
-
-            if self.method.name not in LINEAR_METHODS:
-                raise ConfigError(
-                    f"privacy.mode='client' with method.name={self.method.name!r}: client-level DP is exact only for "
-                    f"methods whose aggregate is linear in the uploads {LINEAR_METHODS}; FLoRA and LoRA-FAIR "
-                    "aggregate products of uploaded factors. Use one of those methods or privacy.mode='sample'"
-                )
-            if self.method.weighting != "uniform":
-                raise ConfigError(
-                    "privacy.mode='client' needs method.weighting='uniform' (DP-FedAvg's noise z*S/m assumes an "
-                    "unweighted mean of the m clipped updates); set method.weighting=\"uniform\""
-                )
-        if self.adapter.ranks:
-            try:
-                ranks = [int(r) for r in self.adapter.ranks.split(",")]
-            except ValueError as e:
-                raise ConfigError(
-                    f"adapter.ranks={self.adapter.ranks!r} must be comma-separated ints, e.g. '4,8,16'"
-                ) from e
-            if min(ranks) < 1:
-                raise ConfigError(f"adapter.ranks={self.adapter.ranks!r}: every rank must be >= 1")
-
-    def _task_defaults(self) -> None:
-        """A causal LM has no classifier head and no ``query``/``value`` layers: with model.task='causal_lm' the
-        classification defaults of adapter.target-modules and adapter.head (which ``flwr run`` always passes,
-        so "left at the default" cannot be told from "set") mean the LLaMA-family attention projections and no
-        head. Any other value is kept (e.g. add gate_proj,up_proj,down_proj for the MLP)."""
-        if self.model.task != "causal_lm":
+    def _check_ranks(self, method: type) -> None:
+        if not self.adapter.ranks:
             return
-        from fedlora.causal_lm.model import LLAMA_TARGETS
+        try:
+            ranks = [int(r) for r in self.adapter.ranks.split(",")]
+        except ValueError:
+            raise ConfigError(f"run-config adapter.ranks={self.adapter.ranks!r} must be comma-separated ints, "
+                              "e.g. '4,8,16'") from None
+        from fedlora.aggregation import aggregator_class, available
 
-        defaults = AdapterConfig()
-        if self.adapter.target_modules == defaults.target_modules:
-            self.adapter.target_modules = LLAMA_TARGETS
-        if self.adapter.head == defaults.head:
-            self.adapter.head = ""
+        hetero = [n for n in available() if aggregator_class(n).heterogeneous_ranks]
+        self.check([
+            (min(ranks) >= 1, "adapter.ranks", "must hold ranks >= 1"),
+            (method.heterogeneous_ranks, "adapter.ranks",
+             f"gives clients different ranks, but method.name={self.method.name!r} needs one rank; use one of "
+             f"{hetero} or clear adapter.ranks (adapter.ranks='')"),
+        ])
+        if not method.fresh_each_round and max(ranks) > self.adapter.rank:
+            raise ConfigError(f"run-config adapter.ranks={self.adapter.ranks!r} exceeds adapter.rank="
+                              f"{self.adapter.rank}: method {self.method.name!r} keeps a global adapter of rank "
+                              f"adapter.rank; set adapter.rank={max(ranks)} or more")
 
     def _get(self, key: str) -> Any:
         section, _, name = key.rpartition(".")

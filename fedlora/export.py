@@ -14,12 +14,11 @@ import torch
 from fedlora.adapters import load_adapter_state, merge_adapters
 from fedlora.aggregation import Aggregator
 from fedlora.config import FedLoraConfig
-from fedlora.models import load_tokenizer
-from fedlora.task import build_model
+from fedlora.tasks import get_task
 
 
 def merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = build_model(cfg, agg.mode, cfg.adapter.rank)
+    model = get_task(cfg).build_model(agg.mode, cfg.adapter.rank)
     load_adapter_state(model, agg.client_payload(state, cfg.adapter.rank))
     return merge_adapters(model)
 
@@ -27,5 +26,5 @@ def merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Ten
 def save_merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor], folder: str | Path) -> Path:
     folder = Path(folder)
     merged_model(cfg, agg, state).save_pretrained(folder)
-    load_tokenizer(cfg.model.name).save_pretrained(folder)
+    get_task(cfg).tokenizer().save_pretrained(folder)
     return folder

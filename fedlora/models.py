@@ -72,19 +72,21 @@ def load_model(name: str, num_labels: int, seed: int) -> nn.Module:
     """A sequence classifier with ``num_labels`` outputs.
 
     The new classification head is initialised under ``seed``, so the server and every client build the
-    identical head without it ever crossing the wire.
+    identical head without it ever crossing the wire. The seeding happens in a forked RNG: the caller's global
+    RNG (which drives dropout in local training) is left as it was.
     """
     hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: the head is new
     hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    if name == "tiny":
-        config = BertConfig(vocab_size=len(tiny_vocab()), num_labels=num_labels, **TINY)
-        model = BertForSequenceClassification(config)
-    else:
-        path = resolve_name(name)
-        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ValueError(f"model.name={name!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub; "
-                             "pass a folder saved with save_pretrained, 'tiny' or 'minilm'")
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    path = None if name == "tiny" else resolve_name(name)
+    if path is not None and not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"model.name={name!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub; "
+                         "pass a folder saved with save_pretrained, 'tiny' or 'minilm'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if path is None:
+            model = BertForSequenceClassification(BertConfig(vocab_size=len(tiny_vocab()), num_labels=num_labels,
+                                                             **TINY))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     model.eval()
     return model

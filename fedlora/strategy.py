@@ -11,7 +11,6 @@ sampled)) leaves the global state unchanged; ``max-failed-rounds`` such rounds i
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import math
@@ -32,7 +31,7 @@ from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import save_checkpoint
 from fedlora.client import round_seed
 from fedlora.config import FedLoraConfig
-from fedlora.privacy.client_level import ClientLevelDP
+from fedlora.privacy import get_privacy_mode
 from fedlora.wire import (
     BUDGET_EXHAUSTED,
     InvalidUpdate,
@@ -127,9 +126,8 @@ class LoRAStrategy(Strategy):
         self.failed_rounds = 0  # consecutive rounds below the minimum of valid updates
         self.history: list[dict] = []  # metrics.jsonl rows so far (checkpointed, restored on resume)
         self._sent: dict[int, list[tuple[Message, int]]] = {}  # train messages of a round and their node
-        meta = resume_meta or {}
-        self.client_dp = ClientLevelDP(cfg, meta.get("client_dp")) if cfg.privacy.mode == "client" else None
-        self._restore(meta)
+        self.privacy = get_privacy_mode(cfg)  # its server-side hook privatises each round's updates
+        self._restore(resume_meta or {})
 
     # -- checkpointed state ----------------------------------------------------------------------------
     def _restore(self, meta: dict) -> None:
@@ -139,9 +137,7 @@ class LoRAStrategy(Strategy):
         self.node_rank = {int(n): int(r) for n, r in meta.get("node_rank", {}).items()}
         self.failed_rounds = int(meta.get("failed_rounds", 0))
         self.history = list(meta.get("history", []))
-        noise = meta.get("client_dp", {}).get("generator")
-        if self.client_dp is not None and noise:
-            self.client_dp.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(noise)), dtype=torch.uint8))
+        self.privacy.load_state_dict(meta.get("privacy", {}))
 
     def checkpoint_meta(self, server_round: int) -> dict:
         """Everything besides the tensors that the next round depends on, plus the history so far."""
@@ -156,10 +152,8 @@ class LoRAStrategy(Strategy):
             "node_rank": {str(n): r for n, r in sorted(self.node_rank.items())},
             "exhausted": sorted(self.exhausted),
             "failed_rounds": self.failed_rounds,
+            "privacy": self.privacy.state_dict(),
         }
-        if self.client_dp is not None:
-            gen = base64.b64encode(self.client_dp.generator.get_state().numpy().tobytes()).decode()
-            meta["client_dp"] = {**self.client_dp.state_dict(), "generator": gen}
         return meta
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -288,8 +282,9 @@ class LoRAStrategy(Strategy):
             return None, None
         self.failed_rounds = 0
         updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
-        if self.client_dp is not None:
-            updates = self.client_dp.privatise(self.state, updates, self.num_nodes, stats)
+        updates, privacy_stats = self.privacy.privatise(self.state, updates, self.num_nodes, stats.clients_sampled)
+        for key, value in privacy_stats.items():
+            setattr(stats, key, value)
         t_agg = time.perf_counter()
         old, self.state = self.state, self.agg.aggregate(self.state, updates)
         stats.aggregate_seconds = time.perf_counter() - t_agg

@@ -62,7 +62,7 @@ def test_fedit_error_matches_the_dense_gap():
 
 def test_lora_fair_is_closer_than_fedit():
     fedit, state, updates = _setup("fedit")
-    fair = get_aggregator("lora_fair", AggregatorConfig(rank=R, alpha=8.0, fair_lambda=0.0, fair_steps=300))
+    fair = get_aggregator("lora_fair", AggregatorConfig(rank=R, alpha=8.0), fair_lambda=0.0, fair_steps=300)
     e_fedit = exactness_error(fedit, state, fedit.aggregate(state, updates), updates)
     e_fair = exactness_error(fair, state, fair.aggregate(state, updates), updates)
     assert e_fair < e_fedit

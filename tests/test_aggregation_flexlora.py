@@ -14,7 +14,8 @@ R_MAX = 8
 
 
 def _agg(**kw):
-    return get_aggregator("flexlora", AggregatorConfig(rank=R_MAX, alpha=ALPHA, **kw))
+    config = {k: kw.pop(k) for k in list(kw) if k in ("seed", "weighting")}
+    return get_aggregator("flexlora", AggregatorConfig(rank=R_MAX, alpha=ALPHA, **config), **kw)
 
 
 def _init(gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -51,9 +51,9 @@ def _dense_loss(db: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, idea
 
 
 def _run(updates: list[ClientUpdate], **kw) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    cfg = AggregatorConfig(rank=RANK, **kw)
+    cfg = AggregatorConfig(rank=RANK)
     return (
-        get_aggregator("lora_fair", cfg).aggregate(_state(), updates),
+        get_aggregator("lora_fair", cfg, **kw).aggregate(_state(), updates),
         get_aggregator("fedit", cfg).aggregate(_state(), updates),
     )
 

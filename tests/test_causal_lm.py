@@ -24,7 +24,7 @@ from fedlora.causal_lm.model import LLAMA_TARGETS, load_causal_lm
 from fedlora.causal_lm.train import evaluate_lm, lm_loss
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.models import tiny_tokenizer
-from fedlora.task import build_model
+from fedlora.tasks import get_task
 
 # A minimal ChatML template (the family SmolLM2 uses), to test the chat-template path without a download.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -184,7 +184,7 @@ def test_peft_export_loads_onto_the_base_causal_lm(mode, tmp_path) -> None:
     from peft import PeftModel
 
     cfg = FedLoraConfig.from_run_config({"model.task": "causal_lm", "adapter.rank": 4})
-    model = build_model(cfg, mode, 4)
+    model = get_task(cfg).build_model(mode, 4)
     gen = torch.Generator().manual_seed(1)
     state = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in adapter_state(model).items()}
     load_adapter_state(model, state)
@@ -201,6 +201,7 @@ def test_peft_export_loads_onto_the_base_causal_lm(mode, tmp_path) -> None:
 
 
 def _adapter_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)  # the same adapter init for every model compared
     inject_adapters(model, LLAMA_TARGETS.split(","), rank=2, alpha=4)
     for layer in adapter_layers(model).values():  # B != 0 so that A gets a gradient too
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(3))

@@ -9,9 +9,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import FROZEN_KEY, make_client_app
 from fedlora import naming
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
-from fedlora.task import client_dataset, make_aggregator
+from fedlora.tasks import get_task
 from fedlora.wire import from_record, to_record
 from tests.conftest import FAST
 
@@ -118,7 +119,7 @@ def test_node_without_partition_id_gets_a_clear_error():
 def test_num_examples_is_the_partition_size(partition_id):
     # Dirichlet partitions have different sizes, so a client reporting the wrong one is caught.
     run_config, cfg, agg, state = _setup("fedit", **{"data.partition": "dirichlet", "train.local-steps": 1})
-    sizes = [len(client_dataset(cfg, "train", i, NUM_NODES)) for i in range(NUM_NODES)]
+    sizes = [len(get_task(cfg).client_dataset("train", i, NUM_NODES)) for i in range(NUM_NODES)]
     assert len(set(sizes)) > 1
     app = make_client_app(run_config)
     payload = agg.client_payload(state, cfg.adapter.rank)
@@ -138,5 +139,5 @@ def test_evaluate_reply_carries_metrics_only():
     assert not reply.has_error()
     assert not reply.content.array_records  # nothing travels back up in evaluation
     m = reply.content["metrics"]
-    assert int(m["num-examples"]) == len(client_dataset(cfg, "test", 2, NUM_NODES)) > 0
+    assert int(m["num-examples"]) == len(get_task(cfg).client_dataset("test", 2, NUM_NODES)) > 0
     assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0

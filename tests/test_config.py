@@ -33,14 +33,16 @@ def test_defaults() -> None:
     assert cfg.model.name == "tiny"
     assert cfg.adapter.rank == 8
     assert cfg.adapter.alpha == 16.0
-    assert cfg.adapter.targets() == ["query", "value"]
-    assert cfg.adapter.heads() == ["classifier"]
+    assert cfg.adapter.target_modules == "auto" and cfg.adapter.head == "auto"  # the task's defaults, resolved:
+    resolved = FedLoraConfig.from_run_config({})
+    assert resolved.adapter.targets() == ["query", "value"]
+    assert resolved.adapter.heads() == ["classifier"]
     assert cfg.adapter.ranks == ""
     assert cfg.method.name == "fedit"
     assert cfg.data.partition == "dirichlet"
     assert cfg.train.lr == 5e-3
     cfg.validate()  # the defaults are valid
-    assert FedLoraConfig.from_run_config({}) == cfg
+    assert resolved == cfg
 
 
 def test_from_run_config_maps_dotted_and_dashed_keys_and_coerces() -> None:
@@ -134,7 +136,7 @@ def test_to_run_config_round_trips() -> None:
     cfg = FedLoraConfig.from_run_config({
         "num-server-rounds": 9, "fraction-evaluate": 0.25, "resume": True, "output-dir": "runs/x",
         "adapter.rank": 4, "adapter.ranks": "2,4,8", "adapter.target-modules": "q_proj,v_proj",
-        "adapter.head": "", "method.name": "fed_sb", "data.partition": "iid", "train.lr": 0.1,
+        "adapter.head": "", "method.name": "flora", "data.partition": "iid", "train.lr": 0.1,
     })
     flat = cfg.to_run_config()
     assert flat["num-server-rounds"] == 9
@@ -146,7 +148,7 @@ def test_to_run_config_round_trips() -> None:
 
 
 def test_rank_for_cycles_through_the_ranks() -> None:
-    cfg = FedLoraConfig.from_run_config({"adapter.ranks": "4,8"})
+    cfg = FedLoraConfig.from_run_config({"adapter.ranks": "4,8", "method.name": "flora"})
     assert [cfg.adapter.rank_for(i) for i in range(3)] == [4, 8, 4]
     assert FedLoraConfig.from_run_config({"adapter.rank": 6}).adapter.rank_for(5) == 6  # no ranks: global rank
 

@@ -8,8 +8,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedlora.adapters import load_adapter_state
 from fedlora.checkpoint import load_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
-from fedlora.task import build_model, make_aggregator
+from fedlora.tasks import get_task
 from tests.conftest import run_local
 
 
@@ -19,7 +20,7 @@ def test_merged_model_loads_with_from_pretrained_and_matches(method, tmp_path):
     state, _, _ = load_checkpoint(tmp_path)
     cfg = FedLoraConfig.from_run_config({"method.name": method, "adapter.rank": 4, "model.max-length": 32})
     agg = make_aggregator(cfg)
-    ours = build_model(cfg, agg.mode, 4)
+    ours = get_task(cfg).build_model(agg.mode, 4)
     load_adapter_state(ours, agg.client_payload(state, 4))
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -28,6 +29,6 @@ def test_merged_model_loads_with_from_pretrained_and_matches(method, tmp_path):
     with torch.no_grad():
         a, b = ours(**batch).logits, plain(**batch).logits
     assert torch.allclose(a, b, atol=1e-5)
-    base = build_model(cfg, agg.mode, 4)
+    base = get_task(cfg).build_model(agg.mode, 4)
     with torch.no_grad():
         assert not torch.allclose(base(**batch).logits, b, atol=1e-5)  # the update really is in there

@@ -13,10 +13,11 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from client.app import make_client_app
 from fedlora.checkpoint import checkpoint_path, load_checkpoint, read_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.localgrid import LocalGrid, NodeVanished
+from fedlora.server import RunFailed
 from fedlora.strategy import LoRAStrategy
-from fedlora.task import make_aggregator
 from server.app import make_server_app
 from tests.conftest import FAST, run_local
 from tests.test_strategy import expected_aggregate
@@ -157,8 +158,10 @@ def test_max_failed_rounds_in_a_row_end_the_run_with_the_last_good_state(tmp_pat
 
 
 def test_min_fit_clients_above_the_sampled_count_stops_at_once(tmp_path, capsys):
-    _, rows, _ = run_local(tmp_path, **{"method.name": "fedit", "min-fit-clients": 4})
+    with pytest.raises(RunFailed, match="no round aggregated"):  # a run that learnt nothing exits non-zero
+        run_local(tmp_path, **{"method.name": "fedit", "min-fit-clients": 4})
     out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0]
     assert "needs 4 valid updates (min-fit-clients=4" in out and "only 3 clients can be sampled" in out
 

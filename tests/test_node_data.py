@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
+from fedlora.components import node_data
 from fedlora.config import FedLoraConfig
 from fedlora.data import builtin_path
-from fedlora.task import node_data
 from tests.conftest import FAST
 
 TINY = {**FAST, "model.name": "tiny", "train.local-steps": 2}

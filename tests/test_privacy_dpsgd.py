@@ -12,6 +12,7 @@ from opacus.accountants import create_accountant
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.adapters import adapter_layers, inject_adapters, trainable_names
+from fedlora.config import TrainConfig
 from fedlora.privacy import (
     ClientAccountant,
     dpsgd,
@@ -178,10 +179,9 @@ def test_train_local_dp_touches_only_trainable_tensors_and_leaves_a_plain_model(
     prior = ClientAccountant("rdp")
     prior.step(0.7, 0.1, 5)
     acc = ClientAccountant.from_state(prior.state_dict(), "rdp")
-    metrics = train_local_dp(model, enc, labels, steps=4, batch_size=7, lr=1e-2, weight_decay=0.01, clip=1.0,
-                             noise_multiplier=0.8, accountant=acc, seed=7)
-    assert set(metrics) == {"train_loss", "train_accuracy", "first_loss", "last_loss"}
-    assert all(math.isfinite(v) for v in metrics.values())
+    losses, correct, seen = train_local_dp(model, enc, labels, TRAIN, clip=1.0, noise_multiplier=0.8, accountant=acc,
+                                           seed=7)
+    assert 0 < len(losses) <= 4 and all(math.isfinite(v) for v in losses) and 0 <= correct <= seen
 
     after = _snapshot(model)
     assert list(after) == list(before)  # names unchanged: no "_module." wrapper
@@ -205,13 +205,15 @@ def test_train_local_dp_touches_only_trainable_tensors_and_leaves_a_plain_model(
         assert not any(hasattr(p, a) for a in ("grad_sample", "summed_grad", "_forward_counter")), n
 
     twin = tiny_model(mode)
-    train_local_dp(twin, enc, labels, steps=4, batch_size=7, lr=1e-2, weight_decay=0.01, clip=1.0,
-                   noise_multiplier=0.8, accountant=ClientAccountant("rdp"), seed=7)
+    train_local_dp(twin, enc, labels, TRAIN, clip=1.0, noise_multiplier=0.8, accountant=ClientAccountant("rdp"), seed=7)
     assert all(torch.equal(p, after[n]) for n, p in twin.named_parameters())
     other = tiny_model(mode)
-    train_local_dp(other, enc, labels, steps=4, batch_size=7, lr=1e-2, weight_decay=0.01, clip=1.0,
-                   noise_multiplier=0.8, accountant=ClientAccountant("rdp"), seed=8)
+    train_local_dp(other, enc, labels, TRAIN, clip=1.0, noise_multiplier=0.8, accountant=ClientAccountant("rdp"),
+                   seed=8)
     assert not all(torch.equal(p, after[n]) for n, p in other.named_parameters())
+
+
+TRAIN = TrainConfig(local_steps=4, batch_size=7, lr=1e-2, weight_decay=0.01)
 
 
 def test_dp_rounds_through_opacus_hook_match_opacus_epsilon_and_count_empty_batches(monkeypatch):
@@ -225,9 +227,9 @@ def test_dp_rounds_through_opacus_hook_match_opacus_epsilon_and_count_empty_batc
     sigma, q, state = 1.2, 1 / 40, None
     for rnd in range(2):
         acc = ClientAccountant.from_state(json.loads(json.dumps(state)) if state else None, "prv")
-        metrics = train_local_dp(model, enc, labels, steps=6, batch_size=1, lr=1e-2, weight_decay=0.0, clip=1.0,
-                                 noise_multiplier=sigma, accountant=acc, seed=rnd)
-        assert math.isfinite(metrics["train_loss"])
+        losses, _, _ = train_local_dp(model, enc, labels, TrainConfig(local_steps=6, batch_size=1, lr=1e-2), clip=1.0,
+                                      noise_multiplier=sigma, accountant=acc, seed=rnd)
+        assert all(math.isfinite(v) for v in losses)
         state = acc.state_dict()
     assert empty, "expected at least one empty Poisson batch at q = 1/40"
     assert state["history"] == [[sigma, q, 12]]

@@ -6,9 +6,10 @@ import torch
 
 from fedlora import naming
 from fedlora.adapters import adapter_layers
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
-from fedlora.task import build_model, cached_dataset, encode_dataset, make_aggregator
+from fedlora.tasks import get_task
 from fedlora.train import take_batch
 
 
@@ -32,13 +33,14 @@ def test_lora_sb_gradient_init_is_the_best_rank_r_approximation_of_one_sign_step
                   "train.batch-size": 8, "train.lr": 0.01})
     state = initial_state(cfg, make_aggregator(cfg))
     # The gradient of the base weights, computed here independently on the same seeded examples.
-    model = build_model(cfg, "sb", 4)
+    task = get_task(cfg)
+    model = task.build_model("sb", 4)
     layers = adapter_layers(model)
     for layer in layers.values():
         layer.base.weight.requires_grad_(True)
-    ds = cached_dataset("austen", "train")
+    ds = task.dataset("train")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.run.seed + 17))[:24]
-    enc, labels = encode_dataset(cfg, ds.subset(sorted(idx.tolist())))
+    enc, labels = task.encode(ds.subset(sorted(idx.tolist())))
     model.train()
     loss = torch.nn.functional.cross_entropy(model(**take_batch(enc, torch.arange(24))).logits, labels)
     loss.backward()

@@ -3,6 +3,7 @@ factors sent once, rejection of bad updates, failures, exact byte accounting, ch
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 
@@ -15,10 +16,10 @@ from client.app import make_client_app
 from fedlora import naming
 from fedlora.aggregation import ClientUpdate
 from fedlora.checkpoint import load_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
-from fedlora.server import initial_state
+from fedlora.server import RunFailed, initial_state
 from fedlora.strategy import LoRAStrategy
-from fedlora.task import make_aggregator
 from fedlora.wire import from_record, logical_bytes, to_record
 from tests.conftest import FAST, HETEROGENEOUS, METHODS, RANKS, run_local
 
@@ -267,7 +268,10 @@ def test_every_client_failing_in_every_round_ends_cleanly(tmp_path, monkeypatch)
     monkeypatch.setattr(fedlora.server, "LoRAStrategy", _Recording)
     _Recording.instances.clear()
     overrides = {"method.name": "fedit"}
-    _, rows, summary = run_local(tmp_path, fail_nodes={1000, 1001, 1002}, **overrides)
+    with pytest.raises(RunFailed, match="no round aggregated a single client update"):  # not a success: exit != 0
+        run_local(tmp_path, fail_nodes={1000, 1001, 1002}, **overrides)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["clients_aggregated"] for r in rows[1:]] == [0, 0]
     assert all(len(r["failed"]) == NODES for r in rows[1:])
     (strategy,) = _Recording.instances

@@ -19,10 +19,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import naming
 from fedlora.aggregation import ClientUpdate
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
 from fedlora.strategy import LoRAStrategy
-from fedlora.task import make_aggregator
 from fedlora.wire import from_record, to_record
 from tests.conftest import FAST
 

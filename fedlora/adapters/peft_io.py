@@ -57,12 +57,13 @@ def save_peft_adapter(state: dict[str, torch.Tensor], cfg: FedLoraConfig, folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = to_peft(state, cfg.adapter.rank, cfg.adapter.alpha)
     config["base_model_name_or_path"] = cfg.model.name
-    if cfg.model.task == "causal_lm":  # PeftModelForCausalLM; no head in modules_to_save
+    from fedlora.tasks import task_class
+
+    config["task_type"] = task_class(cfg.model.task).peft_task_type
+    if cfg.model.name == "smollm2":  # the converted folder, so AutoPeftModelForCausalLM finds the base offline
         from fedlora.causal_lm.model import SMOLLM2, resolve
 
-        config["task_type"] = "CAUSAL_LM"
-        if cfg.model.name == SMOLLM2:  # the converted folder, so AutoPeftModelForCausalLM finds the base offline
-            config["base_model_name_or_path"] = resolve(SMOLLM2)
+        config["base_model_name_or_path"] = resolve(SMOLLM2)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return folder

@@ -8,6 +8,16 @@ from __future__ import annotations
 import fedlora.aggregation.flexlora  # noqa: F401  (register)
 import fedlora.aggregation.hetlora  # noqa: F401  (register)
 from fedlora.aggregation import fed_sb, fedit, fedsvd, ffa, flora, lora_fair  # noqa: F401  (register)
-from fedlora.aggregation.base import Aggregator, AggregatorConfig, ClientUpdate, available, get_aggregator
+from fedlora.aggregation.base import (
+    Aggregator,
+    AggregatorConfig,
+    ClientUpdate,
+    ServerContext,
+    aggregator_class,
+    available,
+    get_aggregator,
+    option_fields,
+)
 
-__all__ = ["Aggregator", "AggregatorConfig", "ClientUpdate", "available", "get_aggregator"]
+__all__ = ["Aggregator", "AggregatorConfig", "ClientUpdate", "ServerContext", "aggregator_class", "available",
+           "get_aggregator", "option_fields"]

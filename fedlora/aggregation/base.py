@@ -10,11 +10,12 @@ factors). What a client receives is derived from it by :meth:`Aggregator.client_
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,32 +34,45 @@ class ClientUpdate:
 
 @dataclass
 class AggregatorConfig:
-    """Server-side knobs shared by all methods (method-specific ones are prefixed)."""
+    """Server-side knobs shared by all methods. A method's own knobs live in its ``Options`` dataclass."""
 
     rank: int = 8
     alpha: float = 16.0
     seed: int = 0
     weighting: str = "num_examples"  # or "uniform": p_k = 1/K (Fed-SB's official code)
-    # LoRA-FAIR: minimise 1 - cos(vec(dW_ideal), vec((B + dB) A)) + lam * ||dB||_F by Adam on the server.
-    fair_lambda: float = 0.01
-    fair_steps: int = 200
-    fair_lr: float = 1e-2
-    # FlexLoRA: top-r_max SVD of the stacked updates, "exact" (thin QR + core SVD), "randomized" or "auto".
-    flex_svd: str = "auto"
 
     def __post_init__(self) -> None:
         if self.weighting not in ("num_examples", "uniform"):
             raise ValueError(
-                f"aggregation.weighting={self.weighting!r} is not valid; use 'num_examples' or 'uniform'"
+                f"method.weighting={self.weighting!r} is not valid; use 'num_examples' or 'uniform'"
             )
-        if self.flex_svd not in ("auto", "exact", "randomized"):
-            raise ValueError(f"method.flex-svd={self.flex_svd!r} is not valid; use 'auto', 'exact' or 'randomized'")
         if self.rank < 1:
             raise ValueError(f"adapter.rank={self.rank} must be >= 1")
 
     def scaling(self, rank: int) -> float:
         """LoRA scaling s = alpha / r (the same rule the client's adapter layer uses)."""
         return self.alpha / rank
+
+
+@dataclass
+class NoOptions:
+    """A method without knobs of its own."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the run-config key (``method.<field>``) and the fix."""
+
+
+@dataclass
+class ServerContext:
+    """What the server offers a method's :meth:`Aggregator.server_init` beyond the fresh adapter tensors.
+
+    base_gradients(n): gradient of the task's loss on n seeded training examples with respect to the base
+    weight (d_out, d_in) of every adapted layer, keyed by layer path (data the server may hold: a public or
+    proxy sample). lr: the clients' learning rate (train.lr).
+    """
+
+    base_gradients: Callable[[int], dict[str, torch.Tensor]]
+    lr: float
 
 
 class Aggregator(ABC):
@@ -70,6 +84,10 @@ class Aggregator(ABC):
       frozen:     roles constant for the whole run: sent to a client once, then cached in its context state.
       fresh_each_round: clients start every round from a freshly initialised adapter of their own rank.
       heterogeneous_ranks: clients may use different ranks.
+      linear:     the new global state is a weighted mean of the uploads (plus constants), so clipping and
+                  noising each upload privatises the aggregate (client-level DP) and a secure sum suffices.
+      Options:    the method's own knobs, a dataclass whose fields become run-config keys ``method.<field>``
+                  (field names carry the method's prefix, e.g. ``fair_lambda``, so keys never clash).
     """
 
     name: ClassVar[str]
@@ -78,9 +96,13 @@ class Aggregator(ABC):
     frozen: ClassVar[tuple[str, ...]] = ()
     fresh_each_round: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
+    linear: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
 
-    def __init__(self, config: AggregatorConfig | None = None) -> None:
+    def __init__(self, config: AggregatorConfig | None = None, options: Any = None) -> None:
         self.config = config or AggregatorConfig()
+        self.options = options if options is not None else self.Options()
+        self.options.validate()
 
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, init: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
@@ -90,6 +112,12 @@ class Aggregator(ABC):
         on the server (FLoRA) override this.
         """
         return OrderedDict((n, t.detach().to(torch.float32).clone()) for n, t in init.items())
+
+    def server_init(self, state: OrderedDict[str, torch.Tensor], context: ServerContext
+                    ) -> OrderedDict[str, torch.Tensor]:
+        """Round-0 state once the server's model and data are at hand (default: ``state`` unchanged). A method
+        whose initialisation needs more than random factors (LoRA-SB's gradient init) overrides this."""
+        return state
 
     def client_payload(self, state: dict[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
         """Tensors a client of adapter rank ``rank`` must receive next round (default: the whole state)."""
@@ -177,17 +205,37 @@ _REGISTRY: dict[str, type[Aggregator]] = {}
 
 
 def register(cls: type[Aggregator]) -> type[Aggregator]:
-    """Class decorator: make a method available by its ``name``."""
+    """Class decorator: make a method available by its ``name`` (and its Options as ``method.*`` keys)."""
     if cls.name in _REGISTRY:
         raise ValueError(f"aggregator {cls.name!r} registered twice")
+    owner = {f.name: other.name for other in _REGISTRY.values() for f in dataclasses.fields(other.Options)}
+    for f in dataclasses.fields(cls.Options):
+        if owner.get(f.name, cls.name) != cls.name and _REGISTRY[owner[f.name]].Options is not cls.Options:
+            raise ValueError(f"{cls.name}.Options field {f.name!r} is already method.{f.name} of {owner[f.name]!r}; "
+                             "prefix it with the method's name")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get_aggregator(name: str, config: AggregatorConfig | None = None) -> Aggregator:
+def aggregator_class(name: str) -> type[Aggregator]:
     if name not in _REGISTRY:
         raise ValueError(f"method={name!r} is not a known aggregator; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name](config)
+    return _REGISTRY[name]
+
+
+def get_aggregator(name: str, config: AggregatorConfig | None = None, **options: Any) -> Aggregator:
+    """The method ``name`` with the shared ``config`` and its own ``options`` (fields of its Options)."""
+    cls = aggregator_class(name)
+    return cls(config, cls.Options(**options))
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """Every registered method's own knobs (each Options class once): the ``method.*`` run-config keys."""
+    seen: dict[str, dataclasses.Field] = {}
+    for cls in (_REGISTRY[n] for n in sorted(_REGISTRY)):
+        for f in dataclasses.fields(cls.Options):
+            seen.setdefault(f.name, f)
+    return list(seen.values())
 
 
 def available() -> list[str]:

@@ -9,11 +9,25 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from fedlora import naming
-from fedlora.aggregation.base import Aggregator, ClientUpdate, register
+from fedlora.aggregation.base import Aggregator, ClientUpdate, ServerContext, register
+
+
+@dataclass
+class SBOptions:
+    sb_init: str = field(default="orthogonal", metadata={"help": "Fed-SB factors: orthogonal (seeded) | "
+                                                                 "gradient (LoRA-SB, server data)"})
+    sb_init_examples: int = field(default=64, metadata={"help": "Fed-SB gradient init: server examples"})
+
+    def validate(self) -> None:
+        if self.sb_init not in ("orthogonal", "gradient"):
+            raise ValueError(f"method.sb-init={self.sb_init!r} must be 'orthogonal' or 'gradient'")
+        if self.sb_init_examples < 1:
+            raise ValueError(f"method.sb-init-examples={self.sb_init_examples!r} must be >= 1")
 
 
 @register
@@ -22,6 +36,8 @@ class FedSB(Aggregator):
     mode = "sb"
     uploads = ("R",)
     frozen = ("A", "B")
+    linear = True
+    Options = SBOptions
 
     def init_state(self, init: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """Per layer: random orthonormal B (d_out, r) and A (r, d_in), R = 0 (r, r); extras kept.
@@ -43,6 +59,20 @@ class FedSB(Aggregator):
             out[naming.key(layer, "A")] = _orthonormal_columns(d_in, r, gen).T.contiguous()
             out[naming.key(layer, "B")] = _orthonormal_columns(d_out, r, gen)
             out[naming.key(layer, "R")] = torch.zeros(r, r)
+        return out
+
+    def server_init(self, state: OrderedDict[str, torch.Tensor], context: ServerContext
+                    ) -> OrderedDict[str, torch.Tensor]:
+        """``sb_init='gradient'``: LoRA-SB's init, B, R, A from a rank-r SVD of one approximate full fine-tuning
+        step -lr * sign(G), G the base-weight gradient on ``sb_init_examples`` examples the server holds (the
+        paper's code uses the pooled training set). The factors then reach clients once, like any frozen tensor."""
+        if self.options.sb_init != "gradient":
+            return state
+        out = OrderedDict(state)
+        r = self.config.rank
+        for layer, grad in context.base_gradients(self.options.sb_init_examples).items():
+            b, r_mat, a = sb_factors_from_gradient(grad, r, context.lr, self.config.scaling(r))
+            out[naming.key(layer, "B")], out[naming.key(layer, "R")], out[naming.key(layer, "A")] = b, r_mat, a
         return out
 
     def aggregate(

@@ -16,6 +16,7 @@ class FedIT(Aggregator):
     name = "fedit"
     mode = "lora"
     uploads = ("A", "B")
+    linear = True
 
     def aggregate(
         self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]

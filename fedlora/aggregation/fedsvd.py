@@ -23,6 +23,7 @@ class FedSVD(Aggregator):
     name = "fedsvd"
     mode = "ffa"
     uploads = ("B",)
+    linear = True
 
     def aggregate(
         self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]

@@ -20,6 +20,7 @@ class FFALoRA(Aggregator):
     name = "ffa"
     mode = "ffa"
     uploads = ("B",)
+    linear = True
     frozen = ("A",)
 
     def aggregate(

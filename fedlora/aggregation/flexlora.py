@@ -10,7 +10,7 @@ best rank-r_max approximation as thin SVD factors (docs/algorithms.md sections 8
 ``dW`` is never materialised: :func:`fedlora.aggregation.linalg.thin_svd` factors the stacked
 ``L = [p_1 s_1 B_1, ..., p_K s_K B_K]`` (d_out, sum r_k) and ``Rt = [A_1; ...; A_K]`` (sum r_k, d_in).
 When the stack is wide (many clients) and only r_max directions are kept, a seeded randomized range finder
-(:func:`fedlora.aggregation.linalg.randomized_top_svd`) is cheaper; ``config.flex_svd`` picks: "exact",
+(:func:`fedlora.aggregation.linalg.randomized_top_svd`) is cheaper; ``options.flex_svd`` picks: "exact",
 "randomized", or "auto" (randomized when its flop count is lower, about sum r_k > 5 (r_max + 16)).
 When ``dW`` has fewer than r_max triplets (sum r_k < r_max, or a thin layer), B_g gets zero columns and A_g
 is completed with orthonormal rows orthogonal to the kept ones (deterministic, seeded by ``config.seed``) so
@@ -23,7 +23,8 @@ is the best rank-r_k approximation of dW_g (Eckart-Young). All of S goes into B 
 paper's split is UNCONFIRMED), so A_k has orthonormal rows. The payload is a pure function of
 (state, rank): a client that gets the whole state can cut it itself.
 
-Choices marked UNCONFIRMED in docs/algorithms.md section 8: p_k = n_k weighting (``config.weighting`` may make it uniform); the
+Choices marked UNCONFIRMED in docs/algorithms.md section 8: p_k = n_k weighting (``config.weighting`` may make
+it uniform); the
 truncation residual is dropped, never merged into W0. ``init_state`` keeps the injected init: A_g = init A
 (not orthonormalised), B_g = 0, i.e. dW_g = 0, so round-0 clients start from a standard PEFT init.
 Extras (the head) are averaged with p_k.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,13 +44,24 @@ from fedlora.aggregation.linalg import randomized_top_svd, thin_svd, top_svd_cos
 from fedlora.aggregation.scaled_global import ScaledGlobalLoRA
 
 
+@dataclass
+class FlexOptions:
+    flex_svd: str = field(default="auto", metadata={"help": "FlexLoRA's top-r SVD: exact | randomized | auto "
+                                                            "(randomized when cheaper: many clients)"})
+
+    def validate(self) -> None:
+        if self.flex_svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method.flex-svd={self.flex_svd!r} is not valid; use 'auto', 'exact' or 'randomized'")
+
+
 @register
 class FlexLoRA(ScaledGlobalLoRA):
     name = "flexlora"
+    Options = FlexOptions
 
     def use_randomized(self, m: int) -> bool:
         """Randomized top-r_max SVD instead of the exact thin SVD of a stack of width ``m`` (= sum r_k)?"""
-        mode = self.config.flex_svd
+        mode = self.options.flex_svd
         if mode == "auto":
             return top_svd_cost_ratio(m, self.config.rank) > 1.0
         return mode == "randomized"

@@ -12,9 +12,10 @@ and s_k B_k to r_max columns, and the padded factors are averaged separately:
     A_g = sum_k w_k pad(A_k),   B_g = sum_k w_k pad(s_k B_k).
 
 Padded rows/columns contribute exactly zero, so a rank-2 client only moves the first 2 rows of A_g and
-columns of B_g. The weights are the paper's *sparsity-weighted* aggregation as read in docs/algorithms.md section 9 (exact form
-UNCONFIRMED): per layer, ``w_k proportional to p_k * ||s_k B_k A_k||_F``, normalised to sum 1, with p_k from
-:meth:`Aggregator.weights` (n_k or uniform per ``config.weighting``). The norm comes from the thin factors,
+columns of B_g. The weights are the paper's *sparsity-weighted* aggregation as read in docs/algorithms.md
+section 9 (exact form UNCONFIRMED): per layer, ``w_k proportional to p_k * ||s_k B_k A_k||_F``, normalised
+to sum 1, with p_k from :meth:`Aggregator.weights` (n_k or uniform per ``config.weighting``). The norm comes
+from the thin factors,
 ``||B A||_F^2 = tr((B^T B)(A A^T))``, never a (d_out, d_in) matrix. If every update of a layer is zero the
 weights fall back to p_k. Setting ``norm_weighted = False`` on an instance gives the plain zero-padding
 baseline (w_k = p_k, as in the FLoRA repo's zero-padding baseline).

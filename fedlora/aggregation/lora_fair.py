@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from fedlora import naming
-from fedlora.aggregation.base import Aggregator, AggregatorConfig, ClientUpdate, register
+from fedlora.aggregation.base import Aggregator, ClientUpdate, register
 
 _EARLY_STOP = 1e-9  # stop when the loss changes by less than this between Adam steps
 _ALREADY_IDEAL = 1e-12  # 1 - cos below this at dB = 0: nothing to correct, return dB = 0 exactly
@@ -23,11 +24,29 @@ _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 _NEGLIGIBLE = 1e-6  # ||dW|| below this fraction of sum p_k ||B_k|| ||A_k||: the clients cancel, dB = 0
 
 
+@dataclass
+class FairOptions:
+    """The server-side residual solver: ``min_dB 1 - cos(vec(dW), vec((B_bar + dB) A_bar)) + lam ||dB||_F``."""
+
+    fair_lambda: float = field(default=0.01, metadata={"help": "LoRA-FAIR: weight lam of ||dB||_F"})
+    fair_steps: int = field(default=200, metadata={"help": "LoRA-FAIR: Adam steps of the residual solver"})
+    fair_lr: float = field(default=1e-2, metadata={"help": "LoRA-FAIR Adam step, relative to RMS(B_bar)"})
+
+    def validate(self) -> None:
+        if self.fair_lambda < 0:
+            raise ValueError(f"method.fair-lambda={self.fair_lambda!r} must be >= 0")
+        if self.fair_steps < 0:
+            raise ValueError(f"method.fair-steps={self.fair_steps!r} must be >= 0 (0 = FedIT)")
+        if self.fair_lr <= 0:
+            raise ValueError(f"method.fair-lr={self.fair_lr!r} must be > 0")
+
+
 @register
 class LoRAFAIR(Aggregator):
     name = "lora_fair"
     mode = "lora"
     uploads = ("A", "B")
+    Options = FairOptions
 
     def aggregate(
         self, state: dict[str, torch.Tensor], updates: Sequence[ClientUpdate]
@@ -40,7 +59,7 @@ class LoRAFAIR(Aggregator):
             b_s = [u.tensors[kb] for u in updates]
             a_bar, b_bar = self.weighted_mean(a_s, p), self.weighted_mean(b_s, p)
             db = solve_residual(
-                FairObjective(a_bar, b_bar, a_s, b_s, p, self.config.fair_lambda), self.config
+                FairObjective(a_bar, b_bar, a_s, b_s, p, self.options.fair_lambda), self.options
             )
             out[ka] = a_bar
             out[kb] = (b_bar.to(torch.float64) + db).to(torch.float32)
@@ -128,7 +147,7 @@ class FairObjective:
         return 1.0 - inner / denom + self.lam * db_norm
 
 
-def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.Tensor:
+def solve_residual(objective: FairObjective, config: FairOptions) -> torch.Tensor:
     """Adam on dB from 0; returns the best iterate seen, so the loss is never worse than at dB = 0.
 
     Returns exactly zero when the ideal update is ~0 (nothing to align with) or already reached by
@@ -142,7 +161,7 @@ def solve_residual(objective: FairObjective, config: AggregatorConfig) -> torch.
     return q @ _adam(sub, config)
 
 
-def _adam(objective: FairObjective, config: AggregatorConfig) -> torch.Tensor:
+def _adam(objective: FairObjective, config: FairOptions) -> torch.Tensor:
     """Best iterate of ``config.fair_steps`` Adam steps on ``objective`` from dB = 0."""
     db = torch.zeros_like(objective.b_bar)
     # Step size relative to the size of B_bar's entries: LoRA B's are ~1e-3 after a few local steps, and an

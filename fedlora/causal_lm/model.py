@@ -103,10 +103,11 @@ def load_causal_lm(name: str, seed: int, dtype: str = "float32", gradient_checkp
         from fedlora.models import tiny_tokenizer
 
         tok = tiny_tokenizer()
-        torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
                              eos_token_id=tok.sep_token_id, **TINY_LLAMA)
-        model = LlamaForCausalLM(config).to(DTYPES[dtype])
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).to(DTYPES[dtype])
     else:
         path = resolve(name)
         if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -4,31 +4,28 @@ prompts, before (the base model) and after federated fine-tuning (the global ada
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedlora.aggregation import Aggregator
-from fedlora.causal_lm import task as lm_task
 from fedlora.causal_lm.train import generate
-from fedlora.config import FedLoraConfig
+
+if TYPE_CHECKING:
+    from fedlora.tasks.causal_lm import CausalLMTask
 
 
-def perplexity(loss: float | None) -> float | None:
-    """exp(mean token NLL); None stays None (no evaluation that round)."""
-    return None if loss is None else math.exp(min(loss, 700.0))
-
-
-def write_generations(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor], out: Path,
-                      max_new_tokens: int = lm_task.MAX_NEW_TOKENS) -> Path:
+def write_generations(task: CausalLMTask, agg: Aggregator, state: dict[str, torch.Tensor], out: Path,
+                      max_new_tokens: int = 40) -> Path:
     """``generations.jsonl`` (prompt, base, finetuned) and ``generations.md`` in ``out``; returns the .md path."""
     from fedlora.export import merged_model
 
-    prompts = lm_task.generation_prompts(cfg)
-    tok = lm_task.tokenizer(cfg.model.name)
+    cfg = task.cfg
+    prompts = task.generation_prompts()
+    tok = task.tokenizer()
     ids = [p for _, p in prompts]
-    before = generate(lm_task.base_model(cfg), tok, ids, max_new_tokens)
+    before = generate(task.base_model(), tok, ids, max_new_tokens)
     after = generate(merged_model(cfg, agg, state), tok, ids, max_new_tokens)
     rows = [{"prompt": text, "base": b, "finetuned": a} for (text, _), b, a in zip(prompts, before, after, strict=True)]
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Next-token training, perplexity and greedy generation for a causal LM, in plain PyTorch.
+"""Next-token loss, perplexity and greedy generation for a causal LM, in plain PyTorch.
 
 The training loss is a per-example mean: each sequence's mean next-token NLL over its own target tokens, then
 the mean over the batch. That is what DP-SGD needs (opacus clips the gradient of each example's loss as a
@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.causal_lm.data import IGNORE, eos_id
-from fedlora.train import optimise, take_batch
+from fedlora.train import take_batch
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,26 +55,6 @@ def batch_loss(model: nn.Module, enc: dict[str, torch.Tensor], _labels: torch.Te
         valid = targets != IGNORE
         correct = int(((logits[:, :-1].argmax(-1) == targets) & valid).sum())
     return loss, correct, int(valid.sum())
-
-
-def train_local_lm(
-    model: nn.Module,
-    enc: dict[str, torch.Tensor],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    seed: int = 0,
-) -> dict[str, float]:
-    """:func:`fedlora.train.optimise` with the per-sequence token loss on the adapters. Metrics: loss, token
-    accuracy, first/last loss, tokens seen."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # adapter dropout
-        losses, correct, tokens = optimise(model, enc, enc["labels"], steps, batch_size, lr, weight_decay,
-                                           max_grad_norm, seed, loss_fn=batch_loss)
-    return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(tokens, 1),
-            "first_loss": losses[0], "last_loss": losses[-1], "train_tokens": float(tokens)}
 
 
 @torch.no_grad()

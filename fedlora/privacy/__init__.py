@@ -1,14 +1,23 @@
-"""Differential privacy: DP-SGD on each client through opacus (record-level), the persistent per-client
-accountant, and client-level DP (DP-FedAvg).
+"""Differential privacy as registered modes (``privacy.mode``): ``none``, ``sample`` (DP-SGD on each client
+through opacus, record-level, with a persistent per-client accountant) and ``client`` (DP-FedAvg).
 
-Names are resolved lazily: importing ``fedlora.privacy.client_level`` (e.g. from the config checks) must not
-pay for importing opacus.
+The modes are imported eagerly (they import no opacus); the opacus-backed names below are resolved lazily, so
+the config checks do not pay for importing opacus.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from fedlora.privacy import client_level, sample_level  # noqa: F401  (register)
+from fedlora.privacy.modes import (
+    BudgetExhausted,
+    PrivacyMode,
+    get_privacy_mode,
+    privacy_mode_class,
+    privacy_modes,
+)
 
 if TYPE_CHECKING:
     from fedlora.privacy.accountant import ClientAccountant, load_state_file, noise_for_budget, save_state_file
@@ -25,6 +34,11 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BudgetExhausted",
+    "PrivacyMode",
+    "get_privacy_mode",
+    "privacy_mode_class",
+    "privacy_modes",
     "ClientAccountant",
     "dp_session",
     "load_state_file",

@@ -7,23 +7,25 @@ only the roles their method trains, so its array-by-array pairing does not hold;
 
 The noise is drawn per update with std z * S / sqrt(m) before a uniform average, which gives the average
 exactly the N(0, (z S / m)^2) noise of DP-FedAvg and works for every method whose aggregate is linear in
-the uploads (FedIT, FFA-LoRA, Fed-SB, FedSVD's average of B). FLoRA and LoRA-FAIR aggregate products of
-uploaded factors, so the config refuses them.
+the uploads (a method whose class says ``linear = True``: FedIT, FFA-LoRA, Fed-SB, FedSVD's average of B).
+FLoRA and LoRA-FAIR aggregate products of uploaded factors, so the config refuses them.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
-    from fedlora.config import FedLoraConfig
+from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.privacy.modes import PrivacyMode, needs_noise, register
 
-LINEAR_METHODS = ("fedit", "ffa", "fed_sb", "fedsvd")
+if TYPE_CHECKING:
+    from fedlora.aggregation import Aggregator, ClientUpdate
 
 
 def update_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
@@ -64,10 +66,11 @@ def privatise_updates(
     return out, norms
 
 
-class ClientLevelDP:
-    """The server's DP-FedAvg state: noise multiplier z (given, or derived once from the budget at the client
-    sampling rate q = clients per round / clients), a seeded noise generator, the accountant (one step per
-    round at (z, q)) and the clipping norm.
+@register
+class ClientLevelDP(PrivacyMode):
+    """``privacy.mode = "client"``, the server's DP-FedAvg state: noise multiplier z (given, or derived once from
+    the budget at the client sampling rate q = clients per round / clients), a seeded noise generator, the
+    accountant (one step per round at (z, q)) and the clipping norm.
 
     With ``privacy.adaptive-clip`` the norm follows a target quantile of the clients' update norms (Andrew et
     al. 2021, "Differentially Private Learning with Adaptive Clipping"): each round the fraction b of updates
@@ -77,16 +80,32 @@ class ClientLevelDP:
     accountant keeps stepping at z.
     """
 
-    def __init__(self, cfg: FedLoraConfig, state: dict | None = None) -> None:
-        from fedlora.privacy.accountant import ClientAccountant
+    name = "client"
 
+    @classmethod
+    def check_config(cls, cfg: FedLoraConfig, method: type[Aggregator]) -> None:
+        needs_noise(cfg)
+        if not method.linear:
+            from fedlora.aggregation import aggregator_class, available
+
+            linear = [n for n in available() if aggregator_class(n).linear]
+            raise ConfigError(
+                f"privacy.mode='client' with method.name={method.name!r}: client-level DP is exact only for "
+                f"methods whose aggregate is linear in the uploads {linear}; FLoRA and LoRA-FAIR aggregate "
+                "products of uploaded factors. Use one of those methods or privacy.mode='sample'"
+            )
+        if cfg.method.weighting != "uniform":
+            raise ConfigError(
+                "privacy.mode='client' needs method.weighting='uniform' (DP-FedAvg's noise z*S/m assumes an "
+                "unweighted mean of the m clipped updates); set method.weighting=\"uniform\""
+            )
+
+    def __init__(self, cfg: FedLoraConfig) -> None:
+        super().__init__(cfg)
         self.p = cfg.privacy
         self.rounds = cfg.run.num_server_rounds
         self.z = self.p.noise_multiplier or None
-        self.generator = torch.Generator().manual_seed(cfg.run.seed * 31 + 4242)
-        state = state or {}
-        self.accountant = ClientAccountant.from_state(state.get("accountant"), self.p.accountant)
-        self.clip = float(state.get("clip", self.p.clip))
+        self.load_state_dict({})
 
     def noise_multiplier(self, sample_rate: float) -> float:
         if self.z is None:
@@ -95,30 +114,43 @@ class ClientLevelDP:
             self.z = noise_for_budget(self.p.target_epsilon, self.p.delta, sample_rate, self.rounds, self.p.accountant)
         return self.z
 
-    def privatise(self, state: Mapping[str, torch.Tensor], updates: list, num_nodes: int, stats) -> list:
+    def privatise(self, reference: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], num_nodes: int,
+                  clients_sampled: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
         """Clipped, noised copies of this round's updates (uniform weights); steps the accountant and, when
         adaptive, moves the clipping norm."""
-        q = min(1.0, stats.clients_sampled / max(num_nodes, 1))
+        q = min(1.0, clients_sampled / max(num_nodes, 1))
         z = self.noise_multiplier(q)
         m = len(updates)
         z_update, sigma_b = z, 0.0
         if self.p.adaptive_clip:
             sigma_b = self.p.count_noise or m / 20
             z_update = split_noise(z, sigma_b)
-        reference = {k: state[k] for k in updates[0].tensors}
+        reference = {k: reference[k] for k in updates[0].tensors}
         clip = self.clip
         uploads, norms = privatise_updates([u.tensors for u in updates], reference, clip, z_update, self.generator)
         if self.p.adaptive_clip:
             below = sum(n <= clip for n in norms) + sigma_b * float(torch.randn((), generator=self.generator))
             self.clip = clip * math.exp(-self.p.clip_lr * (below / m - self.p.target_quantile))
         self.accountant.step(z, q, 1)
-        stats.epsilon = self.accountant.epsilon(self.p.delta)
-        stats.update_norm_median = float(torch.tensor(norms).median())
-        stats.clip = clip
-        return [dataclasses.replace(u, tensors=t) for u, t in zip(updates, uploads, strict=True)]
+        info = {"epsilon": self.accountant.epsilon(self.p.delta), "clip": clip,
+                "update_norm_median": float(torch.tensor(norms).median())}
+        return [dataclasses.replace(u, tensors=t) for u, t in zip(updates, uploads, strict=True)], info
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "clip": self.clip}
+        """The accountant, the (adaptive) clipping norm and the noise generator: a resumed run draws the noise the
+        uninterrupted run would have drawn."""
+        gen = base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()
+        return {"accountant": self.accountant.state_dict(), "clip": self.clip, "generator": gen}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from fedlora.privacy.accountant import ClientAccountant
+
+        self.accountant = ClientAccountant.from_state(state.get("accountant"), self.p.accountant)
+        self.clip = float(state.get("clip", self.p.clip))
+        self.generator = torch.Generator().manual_seed(self.cfg.run.seed * 31 + 4242)
+        if state.get("generator"):
+            raw = bytearray(base64.b64decode(state["generator"]))
+            self.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8))
 
 
 def split_noise(z: float, sigma_b: float) -> float:

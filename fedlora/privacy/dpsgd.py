@@ -20,9 +20,8 @@ Why ``wrap_model=False``: opacus then attaches its hooks to our model instead of
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from opacus import PrivacyEngine
@@ -31,8 +30,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
-from fedlora.train import take_batch
+from fedlora.tasks.classification import classification_loss
+from fedlora.train import BatchLoss
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # Attributes opacus leaves behind after GradSampleHooks.cleanup() (which removes hooks, grad_sample & co):
@@ -126,46 +127,39 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
     optimizer.step()
 
 
-# (model, token tensors, labels, batch indices) -> (loss, correct predictions, predictions). The loss MUST be the
-# batch mean of per-example losses: opacus' hooks (loss_reduction="mean") scale by the batch size to recover
-# each example's own gradient, which is then clipped as a whole. fedlora.causal_lm.train.batch_loss is the
-# token-level counterpart (each sequence's mean over its target tokens, then the batch mean).
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor], tuple[torch.Tensor, int, int]]
-
-
-def classification_loss(model: nn.Module, enc: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
-                        ) -> tuple[torch.Tensor, int, int]:
-    logits = model(**take_batch(enc, idx)).logits
-    return nn.functional.cross_entropy(logits, labels[idx]), int((logits.argmax(-1) == labels[idx]).sum()), len(idx)
+# The loss (a task's batch_loss) MUST be the batch mean of per-example losses: opacus' hooks
+# (loss_reduction="mean") scale by the batch size to recover each example's own gradient, which is then clipped
+# as a whole. The causal LM's is each sequence's mean over its target tokens, then the batch mean.
+LossFn = BatchLoss
 
 
 def train_local_dp(
     model: nn.Module,
     enc: dict[str, torch.Tensor],
     labels: torch.Tensor,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
+    train: TrainConfig,
     clip: float,
     noise_multiplier: float,
     accountant: ClientAccountant,
     seed: int = 0,
     grad_sample_mode: str = "hooks",
     loss_fn: LossFn = classification_loss,
-) -> dict[str, float]:
-    """DP-SGD with AdamW over the trainable tensors for exactly ``steps`` steps (the counterpart of
-    :func:`fedlora.train.train_local`, same metrics; the caller reads epsilon from ``accountant``).
+) -> tuple[list[float], int, int]:
+    """DP-SGD with AdamW over the trainable tensors for exactly ``train.local_steps`` steps: the counterpart of
+    :func:`fedlora.train.optimise`, with the same return value (per-step losses of non-empty batches, correct,
+    counted); the caller reads epsilon from ``accountant``. ``train.max_grad_norm`` does not apply: the
+    per-example clip does.
 
-    ``accountant`` gains ``steps`` steps at (noise_multiplier, q = min(1, batch_size / n)), empty batches
+    ``accountant`` gains the steps at (noise_multiplier, q = min(1, batch_size / n)), empty batches
     included. Same seed, same model and data -> identical result (Poisson sampling, noise and dropout are
     seeded; the caller's global RNG state is left as it was).
     """
     n = len(labels)
+    steps, batch_size = train.local_steps, train.batch_size
     losses: list[float] = []
     correct = seen = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # adapter/model dropout
         with dp_session(model, n, batch_size, clip, noise_multiplier, accountant, opt, seed,
@@ -186,9 +180,7 @@ def train_local_dp(
                     if done == steps:
                         break
     model.eval()
-    nan = math.nan
-    return {"train_loss": sum(losses) / len(losses) if losses else nan, "train_accuracy": correct / max(seen, 1),
-            "first_loss": losses[0] if losses else nan, "last_loss": losses[-1] if losses else nan}
+    return losses, correct, seen
 
 
 def privatised_gradient(

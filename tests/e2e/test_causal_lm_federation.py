@@ -12,9 +12,9 @@ import torch
 from fedlora import naming
 from fedlora.aggregation import available
 from fedlora.checkpoint import load_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
-from fedlora.task import make_aggregator
 from tests.conftest import HETEROGENEOUS, RANKS, run_local
 
 LM = {"model.task": "causal_lm", "train.lr": 0.01, "data.max-eval-examples": 64}

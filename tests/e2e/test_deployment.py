@@ -24,10 +24,10 @@ import torch
 
 from fedlora import naming
 from fedlora.checkpoint import load_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.deploy import make_certificates, make_node_keys
 from fedlora.server import initial_state
-from fedlora.task import make_aggregator
 from tests.conftest import FAST
 from tests.test_node_data import write_node_folder
 

@@ -7,9 +7,9 @@ import torch
 
 from fedlora import naming
 from fedlora.checkpoint import load_checkpoint
+from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import initial_state
-from fedlora.task import make_aggregator
 from tests.conftest import HETEROGENEOUS, METHODS, RANKS, run_local
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from fedlora.config import FedLoraConfig
 from fedlora.privacy.accountant import ClientAccountant
-from fedlora.task import client_dataset
+from fedlora.tasks import get_task
 from tests.conftest import run_local
 
 # 3 clients on a skewed split (sizes 4405, 4537, 2439): the small client has the largest sampling rate q and
@@ -21,7 +21,7 @@ def _eps(n: int, rounds: int) -> float:
 
 def _sizes() -> list[int]:
     cfg = FedLoraConfig.from_run_config({k: v for k, v in DP.items() if not k.startswith("privacy")})
-    return [len(client_dataset(cfg, "train", i, 3)) for i in range(3)]
+    return [len(get_task(cfg).client_dataset("train", i, 3)) for i in range(3)]
 
 
 def test_a_client_with_a_spent_budget_stops_and_the_server_goes_on(tmp_path):
@@ -66,7 +66,7 @@ def test_the_accountant_survives_a_supernode_restart(tmp_path):
     assert sorted(p.name for p in state_dir.iterdir()) == [f"accountant-partition-{i}.json" for i in range(3)]
     _, rows, _ = run_local(tmp_path / "b", **common)
     cfg = FedLoraConfig.from_run_config({k: v for k, v in common.items() if not k.startswith("privacy")})
-    n0 = len(client_dataset(cfg, "train", 0, 3))
+    n0 = len(get_task(cfg).client_dataset("train", 0, 3))
     assert rows[1]["client_epsilon"]["1000"] == pytest.approx(_eps(n0, 3), abs=1e-6)  # round 3 overall
     assert rows[2]["client_epsilon"]["1000"] == pytest.approx(_eps(n0, 4), abs=1e-6)
 

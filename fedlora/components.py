@@ -1,0 +1,52 @@
+"""The run's pluggable components resolved from the config (the method, with its own options) and a node's data.
+
+Server and clients derive everything from the run config and the seed, so the server and every client build
+the same base model, the same head init and the same partitions without talking to each other. The task
+(:func:`fedlora.tasks.get_task`) and the privacy mode (:func:`fedlora.privacy.get_privacy_mode`) are resolved
+the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fedlora.aggregation import Aggregator, AggregatorConfig, aggregator_class
+from fedlora.config import FedLoraConfig
+
+
+def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
+    """The configured method with the shared knobs and its own ``method.*`` options (validated with the config)."""
+    cls = aggregator_class(cfg.method.name)
+    options = cls.Options(**{f.name: getattr(cfg.method, f.name) for f in dataclasses.fields(cls.Options)})
+    shared = AggregatorConfig(rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, seed=cfg.run.seed,
+                              weighting=cfg.method.weighting)
+    return cls(shared, options)
+
+
+def node_data(cfg: FedLoraConfig, node_config: Mapping[str, Any], node_id: int) -> tuple[FedLoraConfig, int, int]:
+    """(config, partition id, number of partitions) of a client, from its SuperNode's node config.
+
+    ``data-path`` (deployment): the node trains on all of its own folder (train split; test split for
+    evaluation), which replaces ``data.source`` for this client; ``partition-id`` is optional and only seeds the
+    client and picks its rank in ``adapter.ranks`` (default: from the node id, which registration fixes).
+    Otherwise (simulation, or one shared file) ``partition-id`` / ``num-partitions`` pick a partition of
+    ``data.source``.
+    """
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"node config data-path={str(path)!r} is not a folder on this SuperNode; start it with "
+                             "--node-config \"data-path='/folder/with/train.jsonl'\" (train.jsonl / train.csv, "
+                             "optional test.* and labels.json, or a save_to_disk folder)")
+        pid = int(node_config.get("partition-id", node_id % (2**31 - 1)))
+        return replace(cfg, data=replace(cfg.data, source=str(path))), pid, 1
+    try:
+        return cfg, int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as e:
+        raise ValueError(f"node config lacks {e}; start the SuperNode with --node-config \"data-path='<folder>'\" "
+                         "(its own data) or 'partition-id=<i> num-partitions=<n>' (a partition of data.source)"
+                         ) from None
