@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.config import ConfigError, FedLoraConfig, app_config_toml
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -161,7 +162,46 @@ def test_pyproject_app_config_is_accepted() -> None:
     assert "adapter.target-modules" in flat and "num-server-rounds" in flat  # flattened as Flower does
     back = FedLoraConfig.from_run_config(flat).to_run_config()
     for key, value in flat.items():
-        assert back[key] == value, key
+        assert back[key] == (value if value != "auto" else back[key]), key  # 'auto' resolves to the task's choice
+    assert back["adapter.target-modules"] == "query,value" and back["adapter.head"] == "classifier"
+
+
+def test_pyproject_app_config_is_generated_from_the_dataclasses() -> None:
+    """One source of truth: the keys, defaults and help of [tool.flwr.app.config] are the dataclasses' (run
+    `fedlora config --toml` and paste the table after changing a field or a method's Options)."""
+    tomllib = pytest.importorskip("tomllib")
+    text = PYPROJECT.read_text(encoding="utf-8")
+    assert app_config_toml() in text, "pyproject.toml's [tool.flwr.app.config] is stale: run `fedlora config --toml`"
+    with open(PYPROJECT, "rb") as f:
+        flat = _flatten(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    defaults = FedLoraConfig().to_run_config()
+    assert flat == defaults  # same keys, same defaults, same types
+    assert all(type(flat[k]) is type(v) for k, v in defaults.items())
+
+
+def test_every_method_option_is_a_run_config_key_with_its_default() -> None:
+    from fedlora.aggregation import aggregator_class, available
+
+    flat = FedLoraConfig().to_run_config()
+    for name in available():
+        cls = aggregator_class(name)
+        for f in dataclasses.fields(cls.Options):
+            assert flat[f"method.{f.name.replace('_', '-')}"] == f.default, (name, f.name)
+    with pytest.raises(ConfigError, match=r"method.fair-steps=-1 must be >= 0"):
+        FedLoraConfig.from_run_config({"method.name": "lora_fair", "method.fair-steps": -1})
+    with pytest.raises(ConfigError, match=r"method.flex-svd='fast' is not valid"):
+        FedLoraConfig.from_run_config({"method.name": "flexlora", "method.flex-svd": "fast"})
+
+
+def test_per_client_ranks_with_a_one_rank_method_fail_at_start() -> None:
+    """`fedlora run --method fedit --set adapter.ranks=2,4` used to pass validation and fail in the ServerApp."""
+    with pytest.raises(ConfigError, match=r"adapter.ranks='2,4' gives clients different ranks, but "
+                                          r"method.name='fedit' needs one rank; use one of \['flexlora', 'flora', "
+                                          r"'hetlora'\] or clear adapter.ranks"):
+        FedLoraConfig.from_run_config({"method.name": "fedit", "adapter.ranks": "2,4"})
+    with pytest.raises(ConfigError, match=r"exceeds adapter.rank=8.*set adapter.rank=16"):
+        FedLoraConfig.from_run_config({"method.name": "flexlora", "adapter.ranks": "4,16"})
+    FedLoraConfig.from_run_config({"method.name": "flora", "adapter.ranks": "4,16"})  # fresh each round: any rank
 
 
 def test_unknown_method_names_the_choices() -> None:

@@ -195,7 +195,7 @@ def test_dirichlet_small_alpha_is_skewed_and_respects_min_size(austen_train):
 
 def test_dirichlet_unreachable_min_size_says_what_to_change():
     labels = [i % 2 for i in range(200)]
-    with pytest.raises(ValueError, match=r"data.dirichlet-alpha = 0.01.*Raise data.dirichlet-alpha"):
+    with pytest.raises(ValueError, match=r"data.dirichlet-alpha=0.01.*raise data.dirichlet-alpha towards 1.0"):
         partition(labels, 10, "dirichlet", alpha=0.01, seed=2, min_partition_size=15)
     with pytest.raises(ValueError, match=r"data.min-partition-size = 30 .* needs 300 examples"):
         partition(labels, 10, "dirichlet", alpha=1.0, min_partition_size=30)

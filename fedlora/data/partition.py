@@ -53,13 +53,33 @@ def partition(
             try:
                 partitioner.load_partition(0)  # draws all partitions
             except ValueError as e:
-                raise ValueError(
-                    f"data.dirichlet-alpha = {alpha}: Dirichlet sampling failed to give each of the "
-                    f"{num_partitions} partitions at least {min_partition_size} of the {len(labels)} "
-                    f"examples (11 draws). Raise data.dirichlet-alpha (e.g. 0.5 or 1.0), or lower "
-                    f"data.num-partitions or data.min-partition-size."
-                ) from e
+                raise ValueError(_dirichlet_advice(labels, num_partitions, alpha, seed, min_partition_size)) from e
     return [sorted(partitioner.load_partition(i)["index"]) for i in range(num_partitions)]
+
+
+def _dirichlet_advice(labels: list[int], num_partitions: int, alpha: float, seed: int, min_size: int) -> str:
+    """Why the draws failed and what works for these very values: halving data.min-partition-size until the
+    draws succeed (a few tries, each well under a second), so the advice is checked, never a guess."""
+    n = len(labels)
+    mean = n / num_partitions
+    fixes = []
+    size = min_size // 2
+    while size > 0:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                partition(labels, num_partitions, "dirichlet", alpha, seed, size)
+            break
+        except ValueError:
+            size //= 2
+    fixes.append(f"lower data.min-partition-size to {size} (checked: it works for these values)")
+    if alpha < 1.0:
+        fixes.append("raise data.dirichlet-alpha towards 1.0 (less skew)")
+    fixes += [f"use data.partition='iid' (equal shares of {n // num_partitions})",
+              "or use fewer clients (--num-clients / num-supernodes)"]
+    return (f"data.partition='dirichlet' with data.dirichlet-alpha={alpha:g}: 11 draws failed to give each of the "
+            f"{num_partitions} clients at least data.min-partition-size={min_size} of the {n} examples (a mean "
+            f"of {mean:.1f} per client; Dirichlet shares vary widely around it). Fix: " + "; ".join(fixes))
 
 
 def label_histogram(

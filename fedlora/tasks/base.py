@@ -240,7 +240,8 @@ class Task(ABC):
             model.eval()
             for layer in layers.values():
                 layer.base.weight.requires_grad_(False)
-                layer.base.weight.grad = None
+            for p in model.parameters():
+                p.grad = None
 
     def finish(self, aggregator: Any, state: dict[str, torch.Tensor], out: Path) -> str | None:
         """What a run writes for a person to read at its end (e.g. generations); returns a line to print."""
