@@ -130,12 +130,14 @@ def test_hetlora_equal_norms_at_full_rank_is_plain_weighted_mean() -> None:
 
 
 def test_hetlora_plain_zero_padding_when_not_norm_weighted() -> None:
-    agg = _agg(weighting="uniform")
-    agg.norm_weighted = False
+    agg = get_aggregator("hetlora", AggregatorConfig(rank=R_MAX, alpha=ALPHA, weighting="uniform"),
+                         het_norm_weighted=False)
     updates = _updates(torch.Generator().manual_seed(3), norms=(1.0, 5.0, 0.1))
     new = agg.aggregate(agg.init_state(_init()), updates)
     for layer in SHAPES:
         _check(new, layer, *_padded_mean(updates, layer, [1 / 3] * 3))
+    weighted = _agg(weighting="uniform").aggregate(agg.init_state(_init()), updates)  # the default differs
+    assert any(not torch.allclose(new[k], weighted[k]) for k in new)
 
 
 def test_hetlora_padded_slots_contribute_zero() -> None:

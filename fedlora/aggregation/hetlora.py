@@ -17,8 +17,8 @@ section 9 (exact form UNCONFIRMED): per layer, ``w_k proportional to p_k * ||s_k
 to sum 1, with p_k from :meth:`Aggregator.weights` (n_k or uniform per ``config.weighting``). The norm comes
 from the thin factors,
 ``||B A||_F^2 = tr((B^T B)(A A^T))``, never a (d_out, d_in) matrix. If every update of a layer is zero the
-weights fall back to p_k. Setting ``norm_weighted = False`` on an instance gives the plain zero-padding
-baseline (w_k = p_k, as in the FLoRA repo's zero-padding baseline).
+weights fall back to p_k. ``method.het-norm-weighted = false`` gives the plain zero-padding baseline
+(w_k = p_k, as in the FLoRA repo's zero-padding baseline).
 
 Not implemented: the clients' self-pruning regulariser (rank-tail norm penalty and dropping trailing ranks).
 ``init_state`` keeps the injected init: A_g = init A, B_g = 0. Extras (the head) are averaged with p_k.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,10 +37,19 @@ from fedlora.aggregation.base import ClientUpdate, register
 from fedlora.aggregation.scaled_global import ScaledGlobalLoRA
 
 
+@dataclass
+class HetOptions:
+    het_norm_weighted: bool = field(default=True, metadata={"help": "HetLoRA: weights p_k ||s_k B_k A_k|| "
+                                                                    "(false: plain zero-padding, w_k = p_k)"})
+
+    def validate(self) -> None:
+        """A bool has no invalid value."""
+
+
 @register
 class HetLoRA(ScaledGlobalLoRA):
     name = "hetlora"
-    norm_weighted: bool = True  # False: plain zero-padding with w_k = p_k
+    Options = HetOptions
 
     @staticmethod
     def sq_norms(a: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
@@ -51,7 +61,7 @@ class HetLoRA(ScaledGlobalLoRA):
 
     def layer_weights(self, sq_norms: torch.Tensor, p: Sequence[float]) -> list[float]:
         """w_k for one layer from the squared norms ||s_k B_k A_k||_F^2 of the clients' updates and p_k."""
-        if not self.norm_weighted:
+        if not self.options.het_norm_weighted:
             return list(p)
         raw = [pk * float(nk) for pk, nk in zip(p, sq_norms.clamp_min(0).sqrt(), strict=True)]
         total = sum(raw)
