@@ -40,11 +40,11 @@ def _cfg(args: argparse.Namespace, dp: bool):
 
 def _batches(args: argparse.Namespace, n: int) -> dict[str, torch.Tensor]:
     """``n`` batches worth of full windows (batch x seq, every token a target) from packed Austen text."""
-    from fedlora.causal_lm import task as lm_task
     from fedlora.causal_lm.data import encode_lm, load_lm_dataset
+    from fedlora.tasks import get_task
 
     ds = load_lm_dataset("austen", "train")
-    enc = encode_lm(lm_task.tokenizer(args.model), ds.subset(range(600)), args.seq, packing=True)
+    enc = encode_lm(get_task(_cfg(args, False)).tokenizer(), ds.subset(range(600)), args.seq, packing=True)
     need = n * args.batch
     assert len(enc["input_ids"]) >= need, "raise the number of paragraphs"
     return {k: v[:need] for k, v in enc.items()}
@@ -54,7 +54,8 @@ def run_one(args: argparse.Namespace, config: str) -> dict[str, float]:
     """Tokens/s and peak RSS of one configuration (called in a fresh process)."""
     from fedlora.causal_lm.train import batch_loss
     from fedlora.client import fit
-    from fedlora.task import build_model, make_aggregator
+    from fedlora.components import make_aggregator
+    from fedlora.tasks import get_task
 
     torch.set_num_threads(args.threads)
     dp = config.endswith("+dp")
@@ -63,7 +64,6 @@ def run_one(args: argparse.Namespace, config: str) -> dict[str, float]:
     tokens_per_step = args.batch * args.seq
     if config.startswith("round"):
         from fedlora.server import initial_state
-        from fedlora.task import encoded_client_data
 
         payload = dict(initial_state(cfg, agg))
         privacy = None
@@ -76,10 +76,10 @@ def run_one(args: argparse.Namespace, config: str) -> dict[str, float]:
             privacy = res.privacy_state
         step_time = statistics.median(times) / args.steps
         if dp:  # one paragraph per row (no packing under DP): expected tokens of a Poisson batch of mean size B
-            _, enc, _ = encoded_client_data(cfg, "train", 0, 6)
+            _, enc, _ = get_task(cfg).client_data("train", 0, 6)
             tokens_per_step = args.batch * float(enc["attention_mask"].sum(1).float().mean())
     else:
-        model = build_model(cfg, agg.mode, args.rank)
+        model = get_task(cfg).build_model(agg.mode, args.rank)
         enc = _batches(args, args.warmup + args.steps)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)

@@ -24,14 +24,14 @@ from fedlora.config import FedLoraConfig
 from fedlora.data import load_dataset
 from fedlora.models import load_tokenizer
 from fedlora.privacy import ClientAccountant, dp_session
-from fedlora.task import build_model
+from fedlora.tasks import get_task
 from fedlora.train import encode, take_batch
 
 MODES = ("lora", "ffa", "sb")
 
 
 def plain_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable:
-    def step(batch: dict[str, torch.Tensor], y: torch.Tensor) -> None:  # as fedlora.train.train_local
+    def step(batch: dict[str, torch.Tensor], y: torch.Tensor) -> None:  # as fedlora.train.optimise
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(**batch).logits, y).backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -72,7 +72,8 @@ def main() -> None:
             cfg.model.name, cfg.model.max_length, cfg.adapter.rank = name, args.max_length, args.rank
             try:
                 tok = load_tokenizer(name)
-                models = {(mode, kind): build_model(cfg, mode, args.rank) for mode in MODES for kind in ("plain", "dp")}
+                task = get_task(cfg)
+                models = {(mode, kind): task.build_model(mode, args.rank) for mode in MODES for kind in ("plain", "dp")}
             except (ValueError, OSError, ImportError) as e:
                 notes.append(f"skipped model {name!r}: {e}")
                 continue

@@ -76,7 +76,7 @@ class RoundStats:
     exactness: float | None = None  # ||new global update - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||
     aggregate_seconds: float = 0.0  # server time in the aggregator alone (not decoding, checkpointing, eval)
     seconds: float = 0.0
-    global_perplexity: float | None = None  # model.task=causal_lm: exp(global_loss), token-level
+    global_perplexity: float | None = None  # causal-LM task: exp(global_loss), token-level
     fed_perplexity: float | None = None  # causal_lm: exp(fed_loss), fed_loss weighted by client sequences
 
 

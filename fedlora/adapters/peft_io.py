@@ -57,9 +57,9 @@ def save_peft_adapter(state: dict[str, torch.Tensor], cfg: FedLoraConfig, folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = to_peft(state, cfg.adapter.rank, cfg.adapter.alpha)
     config["base_model_name_or_path"] = cfg.model.name
-    from fedlora.tasks import task_class
+    from fedlora.tasks import get_task
 
-    config["task_type"] = task_class(cfg.model.task).peft_task_type
+    config["task_type"] = get_task(cfg).peft_task_type
     if cfg.model.name == "smollm2":  # the converted folder, so AutoPeftModelForCausalLM finds the base offline
         from fedlora.causal_lm.model import SMOLLM2, resolve
 
