@@ -3,19 +3,20 @@
 Deployment helpers make certificates, node keys and registrations; ``methods`` and ``config`` list the
 aggregators and every run-config key with its default.
 
-``fedlora run`` starts Flower's simulation engine (ray) in this process, with the same ServerApp and ClientApp
-that ``flwr run .`` uses; ``--engine inprocess`` swaps ray for an in-process grid (fast, for debugging).
+``fedlora run`` starts a private local Flower SuperLink in simulation mode (ray), submits the same ServerApp and
+ClientApp that ``flwr run .`` uses, streams the run's log and stops the SuperLink afterwards (fedlora/engine.py);
+``--engine inprocess`` swaps Flower's runtime for an in-process grid (fast, for debugging).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
-from fedlora.config import ConfigError, FedLoraConfig
+from fedlora.config import ConfigError, FedLoraConfig, app_config_toml
+from fedlora.tasks import preflight
 
 
 def quiet_flower() -> None:
@@ -26,64 +27,123 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs as Flower's --run-config gives them (TOML-ish values: numbers, true/false, strings)."""
+_SCALARS = (bool, int, float, str)
+
+
+def parse_override(pair: str, flag: str = "--set") -> dict[str, Any]:
+    """One ``key=value`` pair, typed by Flower's own ``--run-config`` parser (TOML values: 8 -> int, 1e-5 -> float,
+    true -> bool, "a b" -> str). A value that is not valid TOML (``query,value``, ``4,8,16``, ``fedsvd``) is taken
+    as the string it is written as, so lists and names need no quotes."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    if "=" not in pair:
+        raise ConfigError(f"{flag} {pair!r} must look like key=value, e.g. {flag} adapter.rank=8")
+    key, raw = (s.strip() for s in pair.split("=", 1))
+    if not key:
+        raise ConfigError(f"{flag} {pair!r} has no key before '=', e.g. {flag} adapter.rank=8")
+    try:
+        parsed = parse_config_args([f"{key}={raw}"])
+    except (click.ClickException, ValueError):
+        parsed = {}
+    if set(parsed) == {key} and isinstance(parsed[key], _SCALARS):
+        return parsed
+    # Not one TOML scalar (a comma list, a bare word, a date...): the text itself, outer quotes removed.
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        raw = raw[1:-1]
+    return {key: raw}
+
+
+def parse_overrides(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``key=value`` pairs as Flower's ``--run-config`` types them (see :func:`parse_override`); later pairs win."""
     out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r} must look like key=value, e.g. adapter.rank=8")
-        k, v = pair.split("=", 1)
-        v = v.strip().strip('"').strip("'")
-        out[k.strip()] = v
+        out.update(parse_override(pair, flag))
     return out
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    return resolve_config(args).to_run_config()
+
+
+def resolve_config(args: argparse.Namespace) -> FedLoraConfig:
+    """The run's validated config: ``--set`` pairs, then the dedicated flags."""
     overrides = parse_overrides(args.set or [])
     for flag, key in (("method", "method.name"), ("model", "model.name"), ("data", "data.source"),
                       ("rounds", "num-server-rounds"), ("output", "output-dir"), ("seed", "seed")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    cfg = FedLoraConfig.from_run_config(overrides)  # validate early, with the CLI's error message
-    return cfg.to_run_config()
+    return FedLoraConfig.from_run_config(overrides)  # validate early, with the CLI's error message
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    run_config = build_config(args)
+    cfg = resolve_config(args)
+    if args.num_clients < 1:
+        raise ConfigError(f"--num-clients {args.num_clients} must be >= 1")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel {args.parallel} must be >= 1")
+    preflight(cfg, args.num_clients)  # data that cannot be split: ConfigError (exit status 2) before any engine starts
+    run_config = cfg.to_run_config()
+    if args.engine == "inprocess":
+        return run_inprocess(run_config, args)
+    from fedlora import engine
+
+    try:
+        result = engine.run_simulation_app(run_config, FedLoraConfig().to_run_config(), args.num_clients,
+                                           args.parallel, verbose=args.verbose)
+    except engine.EngineError as e:
+        print(f"fedlora: could not run the simulation: {e}", file=sys.stderr)
+        return 1
+    if result.ok:
+        if result.errors and result.log_path:
+            print(f"fedlora: Flower logged errors during the run, not shown here (the first: "
+                  f"{result.first_error or 'see the log'}); full log: {result.log_path}", file=sys.stderr)
+        return 0
+    where = f"; full log: {result.log_path}" if result.log_path else ""
+    print(f"fedlora: {result.failure()}{where}", file=sys.stderr)
+    return 1
+
+
+def run_inprocess(run_config: dict[str, Any], args: argparse.Namespace) -> int:
+    """The same apps on fedlora's in-process Grid (fedlora/localgrid.py): no Flower runtime, no ray."""
+    from flwr.app import Context, RecordDict
+
     from client.app import make_client_app
+    from fedlora.localgrid import LocalGrid
     from server.app import make_server_app
 
     server_app, client_app = make_server_app(run_config), make_client_app(run_config)
-    if args.engine == "inprocess":
-        from flwr.app import Context, RecordDict
-
-        from fedlora.localgrid import LocalGrid
-
-        grid = LocalGrid(client_app, args.num_clients)
+    grid = LocalGrid(client_app, args.num_clients)
+    try:
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-        return 0
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.simulation import run_simulation
-
-    cpus = max(1.0, (os.cpu_count() or 1) / max(1, min(args.num_clients, args.parallel)))
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=args.num_clients,
-                   backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": os.cpu_count() or 1}})
+    except ConfigError:
+        raise
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"fedlora: run failed: {type(e).__name__}: {e} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
-    from fedlora.aggregation import available, get_aggregator
+    import dataclasses
+
+    from fedlora.aggregation import aggregator_class, available
 
     for name in available():
-        a = get_aggregator(name)
+        a = aggregator_class(name)
+        options = ",".join(f"method.{f.name.replace('_', '-')}" for f in dataclasses.fields(a.Options)) or "-"
         print(f"{name:10s} mode={a.mode:4s} uploads={','.join(a.uploads):4s} frozen={','.join(a.frozen) or '-':4s}"
-              f" heterogeneous-ranks={a.heterogeneous_ranks}")
+              f" heterogeneous-ranks={str(a.heterogeneous_ranks):5s} linear={str(a.linear):5s} options={options}")
     return 0
 
 
-def cmd_config(_: argparse.Namespace) -> int:
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.toml:  # the [tool.flwr.app.config] table of pyproject.toml, generated from the dataclasses
+        print(app_config_toml(), end="")
+        return 0
     for k, v in FedLoraConfig().to_run_config().items():
         print(f"{k} = {v!r}")
     return 0
@@ -102,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-clients", type=int, default=4)
     run.add_argument("--parallel", type=int, default=2, help="clients trained at once (simulation engine)")
     run.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation")
-    run.add_argument("--verbose", action="store_true", help="show Flower's own INFO logs")
+    run.add_argument("--verbose", action="store_true", help="show Flower's own INFO logs and full tracebacks")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. adapter.rank=4")
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list aggregation methods").set_defaults(func=cmd_methods)
-    sub.add_parser("config", help="print every run-config key and its default").set_defaults(func=cmd_config)
+    config = sub.add_parser("config", help="print every run-config key and its default")
+    config.add_argument("--toml", action="store_true", help="as pyproject.toml's [tool.flwr.app.config] table "
+                        "(paste it there after adding a key or a method option)")
+    config.set_defaults(func=cmd_config)
     from fedlora.deploy.cli import add_commands as add_deploy_commands
 
     add_deploy_commands(sub)  # certs, node-keys, register-nodes, federation
@@ -126,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fedlora: config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM during a simulation): the engine has stopped its SuperLink
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

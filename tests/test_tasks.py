@@ -174,3 +174,16 @@ def test_base_gradients_leave_the_model_untouched() -> None:
 def test_task_is_an_abstract_base() -> None:
     with pytest.raises(TypeError):
         Task(_cfg())  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--num-clients", "1000"], "lower data.min-partition-size to"),  # used to fail in every client, exit 0
+    (["--method", "fedit", "--set", "adapter.ranks=2,4"], "adapter.ranks='2,4' gives clients different ranks"),
+])
+def test_runs_that_cannot_work_stop_at_start_with_one_message(argv, says, capsys, tmp_path) -> None:
+    from fedlora.cli import main
+
+    code = main(["run", "--model", "tiny", "--rounds", "1", "--output", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing started
