@@ -21,7 +21,8 @@ from fedlora.components import make_aggregator, node_data
 from fedlora.config import FedLoraConfig
 from fedlora.privacy import privacy_mode_class
 from fedlora.tasks import get_task
-from fedlora.wire import BUDGET_EXHAUSTED, from_record, to_record
+from fedlora.train import NonFiniteLoss
+from fedlora.wire import BUDGET_EXHAUSTED, NON_FINITE_LOSS, from_record, to_record
 
 FROZEN_KEY = "fedlora.frozen"
 PRIVACY_KEY = "fedlora.privacy"
@@ -99,6 +100,8 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
                       load_privacy_state(cfg, context, pid))
         except BudgetExhausted as e:
             return Message(Error(code=BUDGET_EXHAUSTED, reason=str(e)), reply_to=msg)
+        except NonFiniteLoss as e:
+            return Message(Error(code=NON_FINITE_LOSS, reason=str(e)), reply_to=msg)
         if res.privacy_state is not None:
             save_privacy_state(cfg, context, pid, res.privacy_state)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})

@@ -149,8 +149,15 @@ class RunConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "server_state-<round>.safetensors files kept"})
 
 
+def _robust_config() -> type:
+    from fedlora.robust import RobustConfig
+
+    return RobustConfig
+
+
+RobustConfig = _robust_config()
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
-            "train": TrainConfig, "privacy": PrivacyConfig}
+            "train": TrainConfig, "privacy": PrivacyConfig, "robust": RobustConfig}
 
 
 @dataclass
@@ -162,6 +169,7 @@ class FedLoraConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedLoraConfig:
@@ -239,6 +247,14 @@ class FedLoraConfig:
             raise ConfigError(f"run-config {e}") from None
         self._check_ranks(method)
         privacy_mode_class(self.privacy.mode).check_config(self, method)
+        try:
+            self.robust.validate()
+        except ValueError as e:
+            raise ConfigError(f"run-config {e}") from None
+        if self.robust.rule != "mean" and not method.linear:
+            raise ConfigError(f"run-config robust.rule={self.robust.rule!r} applies to methods whose aggregate is "
+                              f"linear in the uploads; method.name={self.method.name!r} is not (its bound is the "
+                              "product norm: robust.norm-bound); use robust.rule='mean' or a linear method")
 
     def check(self, checks: list[tuple[bool, str, str]]) -> None:
         """Raise :class:`ConfigError` for the first (ok, key, fix) that is not ok, naming the key and its value."""

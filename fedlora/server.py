@@ -4,6 +4,7 @@ strategy, global evaluation each round, reports and the final adapter."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -97,9 +98,13 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     line = task.finish(agg, strategy.state, out)
     if line:
         printer(line)
-    if not any(row.get("clients_aggregated") for row in strategy.history):
-        raise RunFailed(f"no round aggregated a single client update (see 'failed' and 'rejected' in "
-                        f"{out / 'metrics.jsonl'}); the global adapter in {out} is the initial one")
+    if not any(row.get("clients_aggregated") and not row.get("rolled_back") for row in strategy.history):
+        raise RunFailed(f"no round aggregated a single client update that was kept (see 'failed', 'rejected' and "
+                        f"'rolled_back' in {out / 'metrics.jsonl'}); the global adapter in {out} is the initial one")
+    final = next((r["global_loss"] for r in reversed(strategy.history) if r.get("global_loss") is not None), 0.0)
+    if not math.isfinite(final):
+        raise RunFailed(f"the final global model is destroyed: server loss {final} (robust.divergence-factor=0 "
+                        "turned the divergence guard off?)")
     return summary
 
 

@@ -31,7 +31,9 @@ from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import save_checkpoint
 from fedlora.client import round_seed
 from fedlora.config import FedLoraConfig
+from fedlora.influence import bound_norms, bound_weights
 from fedlora.privacy import get_privacy_mode
+from fedlora.robust import robust_combine
 from fedlora.wire import (
     BUDGET_EXHAUSTED,
     InvalidUpdate,
@@ -76,6 +78,11 @@ class RoundStats:
     exactness: float | None = None  # ||new global update - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||
     aggregate_seconds: float = 0.0  # server time in the aggregator alone (not decoding, checkpointing, eval)
     seconds: float = 0.0
+    weight_capped: list[str] = field(default_factory=list)  # "node <id>: num-examples N counted as M (why)"
+    clipped: list[str] = field(default_factory=list)  # "node <id>: delta norm ... > bound ...; clipped"
+    delta_norm_median: float | None = None  # the round's median update size (what robust.norm-bound multiplies)
+    robust: dict = field(default_factory=dict)  # robust.rule's facts (e.g. multi-Krum's selection)
+    rolled_back: str | None = None  # the divergence guard undid this round: why, and the round's clients
     global_perplexity: float | None = None  # causal-LM task: exp(global_loss), token-level
     fed_perplexity: float | None = None  # causal_lm: exp(fed_loss), fed_loss weighted by client sequences
 
@@ -127,7 +134,13 @@ class LoRAStrategy(Strategy):
         self.history: list[dict] = []  # metrics.jsonl rows so far (checkpointed, restored on resume)
         self._sent: dict[int, list[tuple[Message, int]]] = {}  # train messages of a round and their node
         self.privacy = get_privacy_mode(cfg)  # its server-side hook privatises each round's updates
+        self.first_claim: dict[int, int] = {}  # num-examples each node reported first (robust.pin-examples)
+        self._before: OrderedDict[str, torch.Tensor] | None = None  # the state before this round's aggregation
+        self._round_nodes: list[int] = []
         self._restore(resume_meta or {})
+        # The last accepted server evaluation: the divergence guard compares the next one with it.
+        last = next((r for r in reversed(self.history) if r.get("global_loss") is not None), None)
+        self._good_metrics = {"loss": last["global_loss"], "accuracy": last["global_accuracy"]} if last else None
 
     # -- checkpointed state ----------------------------------------------------------------------------
     def _restore(self, meta: dict) -> None:
@@ -138,6 +151,7 @@ class LoRAStrategy(Strategy):
         self.failed_rounds = int(meta.get("failed_rounds", 0))
         self.history = list(meta.get("history", []))
         self.privacy.load_state_dict(meta.get("privacy", {}))
+        self.first_claim = {int(n): int(c) for n, c in meta.get("first_claim", {}).items()}
 
     def checkpoint_meta(self, server_round: int) -> dict:
         """Everything besides the tensors that the next round depends on, plus the history so far."""
@@ -153,6 +167,7 @@ class LoRAStrategy(Strategy):
             "exhausted": sorted(self.exhausted),
             "failed_rounds": self.failed_rounds,
             "privacy": self.privacy.state_dict(),
+            "first_claim": {str(n): c for n, c in sorted(self.first_claim.items())},
         }
         return meta
 
@@ -266,10 +281,11 @@ class LoRAStrategy(Strategy):
         for node in sorted({nid for _, nid in sent} - replied):
             self._fail(stats, node, f"no reply within round-timeout={self.cfg.run.round_timeout:g} s "
                                     "(node vanished, crashed or too slow)")
-        updates = [r.update for r in good]
-        stats.clients_aggregated = len(updates)
+        updates = sorted((r.update for r in good), key=lambda u: u.client_id)  # a fixed order, whatever the replies'
         if stats.client_epsilon:
             stats.epsilon = max(stats.client_epsilon.values())
+        updates = self._bound(updates, stats)
+        stats.clients_aggregated = len(updates)
         if len(updates) < max(1, stats.clients_required):
             if not updates and self.num_nodes and len(self.exhausted) >= self.num_nodes:
                 raise AllClientsExhausted(f"all {self.num_nodes} clients have spent their privacy budget")
@@ -281,17 +297,38 @@ class LoRAStrategy(Strategy):
                         self.failed_rounds, self.cfg.run.max_failed_rounds)
             return None, None
         self.failed_rounds = 0
-        updates.sort(key=lambda u: u.client_id)  # replies arrive in any order; aggregate in a fixed one
+        loss = {r.update.client_id: r.loss for r in good}
+        n = sum(u.num_examples for u in updates)  # the bounded weights: a liar's claim does not weigh its loss
+        stats.train_loss = sum(loss[u.client_id] * u.num_examples for u in updates) / n
         updates, privacy_stats = self.privacy.privatise(self.state, updates, self.num_nodes, stats.clients_sampled)
         for key, value in privacy_stats.items():
             setattr(stats, key, value)
         t_agg = time.perf_counter()
+        if self.cfg.robust.rule != "mean":
+            result = robust_combine({k: self.state[k] for k in updates[0].tensors}, updates,
+                                    self.agg.weights(updates), self.cfg.robust)
+            updates, stats.robust = result.updates, result.info
+        self._before, self._round_nodes = self.state, [u.client_id for u in updates if u.client_id >= 0]
         old, self.state = self.state, self.agg.aggregate(self.state, updates)
         stats.aggregate_seconds = time.perf_counter() - t_agg
         stats.exactness = exactness_error(self.agg, old, self.state, updates)
-        n = sum(r.update.num_examples for r in good)
-        stats.train_loss = sum(r.loss * r.update.num_examples for r in good) / n
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
+
+    def _bound(self, updates: list[ClientUpdate], stats: RoundStats) -> list[ClientUpdate]:
+        """The default bounds on one client's influence (fedlora.influence): capped weights, and deltas above
+        robust.norm-bound x the round's median clipped or rejected; every decision is logged per client. A
+        privacy mode that clips each update itself (DP-FedAvg) keeps its own fixed clip: a median-relative bound
+        would make one client's update depend on the others' and void the DP analysis."""
+        rc = self.cfg.robust
+        updates, stats.weight_capped = bound_weights(updates, self.first_claim, rc)
+        if self.privacy.clips_updates:
+            return updates
+        payloads = {u.client_id: self.agg.client_payload(self.state, u.rank) for u in updates}
+        updates, stats.clipped, rejected, stats.delta_norm_median = bound_norms(self.agg, payloads, updates, rc)
+        for note in stats.weight_capped + stats.clipped + rejected:
+            log.warning("round %d: %s", stats.round, note)
+        stats.rejected += rejected
+        return updates
 
     def _fail(self, stats: RoundStats, node: int, why: str) -> None:
         self.delivered.discard(node)  # it may have lost (or never got) the frozen factors: resend them
@@ -388,12 +425,37 @@ class LoRAStrategy(Strategy):
             if server_round == 0 and self.round_offset > 0:
                 return None
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            if metrics is not None:
+                metrics = MetricRecord(self._guard(server_round, dict(metrics)))
             self.finish_round(server_round, dict(metrics) if metrics is not None else None)
             return metrics
 
         return super().start(grid, initial_arrays, num_rounds=num_rounds,
                              timeout=self.cfg.run.round_timeout if timeout is None else timeout,
                              train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=close_round)
+
+    def _guard(self, server_round: int, metrics: dict) -> dict:
+        """The divergence guard: a round whose aggregate sends the server loss to a non-finite value, or above
+        robust.divergence-factor x the last accepted one, is rolled back to the state before it (the run goes on
+        from there, its clients named). Returns the metrics of the state that stands."""
+        factor, loss = self.cfg.robust.divergence_factor, float(metrics.get("loss", math.nan))
+        good = self._good_metrics
+        why = None
+        if factor > 0 and self._before is not None and server_round > 0:
+            if not math.isfinite(loss):
+                why = f"server loss {loss} is not finite"
+            elif good is not None and loss > factor * float(good["loss"]):
+                why = (f"server loss {loss:.4g} > robust.divergence-factor={factor:g} x the last accepted "
+                       f"{float(good['loss']):.4g}")
+        if why is None:
+            self._good_metrics, self._before = dict(metrics), None
+            return metrics
+        stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
+        suspects = sorted({int(c.split()[1].rstrip(":")) for c in stats.clipped} | set(self._round_nodes))
+        stats.rolled_back = f"{why}; rolled back to the state before round {stats.round} (its clients: {suspects})"
+        log.warning("round %d: %s", stats.round, stats.rolled_back)
+        self.state, self._before = self._before, None
+        return dict(good) if good else metrics
 
     def summary(self) -> None:
         log.info("LoRAStrategy(method=%s, mode=%s, uploads=%s, frozen=%s, rounds=%d)", self.agg.name,

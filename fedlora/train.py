@@ -40,6 +40,16 @@ def batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator)
 
 
 # (model, inputs, targets, batch indices) -> (batch-mean loss, correct predictions, predictions counted).
+class NonFiniteLoss(RuntimeError):
+    """Local training reached a non-finite loss: the client stops and reports it instead of uploading NaN weights."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLoss(f"local training loss {loss.item()} is not finite at step {step + 1}; nothing uploaded "
+                            "(the global state it started from, or train.lr, may be broken)")
+
+
 BatchLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor],
                      tuple[torch.Tensor, int, int]]
 
@@ -62,8 +72,9 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
-        for idx in batch_order(len(targets), train.batch_size, train.local_steps, gen):
+        for step, idx in enumerate(batch_order(len(targets), train.batch_size, train.local_steps, gen)):
             loss, c, k = loss_fn(model, enc, targets, idx)
+            check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if train.max_grad_norm > 0:

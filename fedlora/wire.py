@@ -22,6 +22,7 @@ from flwr.common.constant import SType
 from fedlora import naming
 
 BUDGET_EXHAUSTED = 4201  # Error.code of a train reply from a client that declines: its DP budget is spent
+NON_FINITE_LOSS = 4202  # Error.code of a train reply whose local loss became non-finite (no weights uploaded)
 
 
 class InvalidUpdate(ValueError):

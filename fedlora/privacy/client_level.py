@@ -81,6 +81,7 @@ class ClientLevelDP(PrivacyMode):
     """
 
     name = "client"
+    clips_updates = True
 
     @classmethod
     def check_config(cls, cfg: FedLoraConfig, method: type[Aggregator]) -> None:

@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
 from fedlora.tasks.classification import classification_loss
-from fedlora.train import BatchLoss
+from fedlora.train import BatchLoss, check_finite
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # Attributes opacus leaves behind after GradSampleHooks.cleanup() (which removes hooks, grad_sample & co):
@@ -172,6 +172,7 @@ def train_local_dp(
                         _noise_only_step(dp_opt)
                     else:
                         loss, c, k = loss_fn(model, enc, labels, idx)
+                        check_finite(loss, done)
                         loss.backward()
                         dp_opt.step()
                         losses.append(loss.item())

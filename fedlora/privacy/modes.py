@@ -35,6 +35,7 @@ class PrivacyMode:
 
     name: ClassVar[str]
     client_state: ClassVar[bool] = False
+    clips_updates: ClassVar[bool] = False  # the server hook bounds every update itself (a fixed DP clip)
 
     def __init__(self, cfg: FedLoraConfig) -> None:
         self.cfg = cfg
