@@ -123,3 +123,25 @@ def test_a_client_whose_loss_turns_non_finite_stops_and_reports_it(tmp_path) -> 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["failed"]) == 3 and all("is not finite at step" in f for f in r["failed"]) for r in rows[1:])
     assert not any(r["rejected"] for r in rows)  # no NaN weights were uploaded
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "multi_krum"])
+def test_robust_rules_hold_off_a_blown_up_update_without_the_norm_bound(rule, tmp_path) -> None:
+    """The rule alone (norm bound, weight cap and divergence guard off) keeps the attacked run near the clean one."""
+    cfg = {**FAST, "method.name": "fed_sb", "robust.norm-bound": 0.0, "robust.weight-cap": 0.0,
+           "robust.divergence-factor": 0.0, "robust.rule": rule, "robust.trim-fraction": 0.25,
+           "robust.krum-byzantine": 1}
+    own = {k: v for k, v in cfg.items() if k not in FAST}
+    _, clean, _ = run_local(tmp_path / "clean", num_nodes=5, **own)
+    _, rows, _ = run_local(tmp_path / "attacked", num_nodes=5,
+                           client_app=_attacked({**cfg, "output-dir": str(tmp_path / "attacked")}, "scaled", {1004}),
+                           **own)
+    assert abs(rows[-1]["global_loss"] - clean[-1]["global_loss"]) <= 0.05
+    assert all(r["robust"]["rule"] == rule for r in rows[1:])
+    if rule == "multi_krum":
+        assert all(1004 not in r["robust"]["krum_selected"] for r in rows[1:])
+    unprotected = {**own, "robust.rule": "mean"}
+    _, bad, _ = run_local(tmp_path / "mean", num_nodes=5,
+                          client_app=_attacked({**cfg, **unprotected, "output-dir": str(tmp_path / "mean")}, "scaled",
+                                               {1004}), **unprotected)
+    assert abs(bad[-1]["global_loss"] - clean[-1]["global_loss"]) > 0.5  # the same attack, undefended, gets through
