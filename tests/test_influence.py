@@ -140,7 +140,9 @@ def test_robust_rules_hold_off_a_blown_up_update_without_the_norm_bound(rule, tm
     assert all(r["robust"]["rule"] == rule for r in rows[1:])
     if rule == "multi_krum":
         assert all(1004 not in r["robust"]["krum_selected"] for r in rows[1:])
-    unprotected = {**own, "robust.rule": "mean"}
+    if rule != "median":
+        return
+    unprotected = {**own, "robust.rule": "mean"}  # once: the same attack, undefended, gets through
     _, bad, _ = run_local(tmp_path / "mean", num_nodes=5,
                           client_app=_attacked({**cfg, **unprotected, "output-dir": str(tmp_path / "mean")}, "scaled",
                                                {1004}), **unprotected)
