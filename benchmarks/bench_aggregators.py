@@ -15,14 +15,26 @@ Heterogeneous-rank methods (flora, flexlora, hetlora) get client ranks cycling t
 The dense SVD of one d x d layer does not depend on the method or the clients: it is timed once per shape in
 its own subprocess (--dense-layers layers, scaled to all layers); materialising dW is timed in each cell.
 
+Section "robust defaults and rules" (only with --robust: ~35 min at full shape): per method, the aggregation
+alone, then what fedlora.strategy adds before it by default (fedlora.influence: one payload per client, capped
+weights, delta norms against each client's payload, clip or reject), as a ratio to the aggregation (target: under
++20 %); for the linear methods also each robust.rule (median, trimmed_mean, multi_krum with f = clients // 10, at
+least 1) as a ratio to the aggregation. Client 0 is an outlier (claims 100x its examples, 10x the delta), so the
+weight cap and the clip (linear, FLoRA) or reject (FlexLoRA, HetLoRA, LoRA-FAIR) paths run. Each phase runs
+once untimed for its memory (after malloc_trim), then the timed phases are interleaved within each repeat, so
+the ratios see the same load. --layers N times N adapted layers instead of the shape's (every phase is linear in
+the layers); --rules none times only the aggregation and the bounds.
+
 Run: python benchmarks/bench_aggregators.py [--clients 10,100] [--shapes 7b] [--repeats 3] [--threads 1]
      python benchmarks/bench_aggregators.py --shapes minilm,bert-base --clients 10   # small shapes
      python benchmarks/bench_aggregators.py --methods flexlora --ranks 16 --clients 100  # rank sum 1,600
+     python benchmarks/bench_aggregators.py --robust --clients 10,100 [--layers 64] [--rules none]  # alone
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -37,6 +49,8 @@ import torch
 
 from fedlora import naming
 from fedlora.aggregation import AggregatorConfig, ClientUpdate, available, get_aggregator
+from fedlora.influence import bound_norms, bound_weights
+from fedlora.robust import RobustConfig, robust_combine
 
 # name -> (adapted layers, d_out = d_in, rank): q and v of every transformer block.
 SHAPES = {"minilm": (12, 384, 8), "bert-base": (24, 768, 16), "7b": (64, 4096, 16)}
@@ -45,6 +59,9 @@ TARGET_S = {"flexlora": 60.0}
 DEFAULT_TARGET_S = 10.0
 DENSE = ("fedsvd", "flexlora")  # methods whose naive path is a dense SVD of the materialised update
 POOL = 1 << 25  # floats in the shared Gaussian pool (128 MiB)
+RULES = ("median", "trimmed_mean", "multi_krum")  # robust.rule values timed for the linear methods
+BOUNDS_TARGET = 0.20  # the default bounds may add at most this share to the aggregation time
+OUTLIER_CLAIM, OUTLIER_DELTA = 100, 10.0  # client 0's inflated num-examples and delta (robust section)
 
 
 def header(threads: int) -> str:
@@ -70,6 +87,8 @@ class Cell:
     budget_s: float
     threads: int
     dense: bool
+    layers: int = 0  # adapted layers; 0: the shape's
+    rules: tuple[str, ...] = RULES  # robust section: the rules timed for linear methods
 
 
 def _status_kb(field: str) -> int:
@@ -94,6 +113,7 @@ def _ranks_for(agg, cell: Cell, r: int) -> list[int]:
 def build(cell: Cell):
     """(aggregator, global state, client updates, per-client ranks) for one cell, deterministically."""
     n_layers, d, r = SHAPES[cell.shape]
+    n_layers = cell.layers or n_layers
     gen = torch.Generator().manual_seed(0)
     agg = get_aggregator(cell.method, AggregatorConfig(rank=r, alpha=2 * r))
     layers = [f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj" for i in range(n_layers)]
@@ -158,6 +178,133 @@ def run_cell(cell: Cell) -> dict:
     return row
 
 
+def krum_byzantine(clients: int) -> int:
+    """multi_krum's f for a round of ``clients``: a tenth of them, at least 1, within n >= 2f + 3."""
+    return max(1, min(clients // 10, (clients - 3) // 2))
+
+
+def make_outlier(agg, state, u: ClientUpdate) -> ClientUpdate:
+    """``u`` claiming OUTLIER_CLAIM x its examples, with OUTLIER_DELTA x its delta: against the state for a linear
+    method, B (and the head's delta) scaled otherwise (the bench's B0 = 0, so the product delta scales too)."""
+    tensors = {}
+    for k, t in u.tensors.items():
+        if agg.linear or naming.is_extra(k):
+            tensors[k] = state[k] + OUTLIER_DELTA * (t - state[k])
+        else:
+            tensors[k] = t * OUTLIER_DELTA if naming.split(k)[1] == "B" else t
+    return ClientUpdate(u.client_id, tensors, u.num_examples * OUTLIER_CLAIM, u.rank)
+
+
+def default_bounds(agg, state, updates, rc: RobustConfig, payload_s: list[float] | None = None):
+    """What fedlora.strategy's _bound does before aggregating: payloads, capped weights, bounded delta norms.
+    Returns (kept updates, weight-capped notes, clipped notes, rejected notes); appends the seconds spent on the
+    payloads to ``payload_s``."""
+    t0 = time.perf_counter()
+    payloads = {u.client_id: agg.client_payload(state, u.rank) for u in updates}
+    if payload_s is not None:
+        payload_s.append(time.perf_counter() - t0)
+    capped_updates, capped = bound_weights(updates, {}, rc)
+    kept, clipped, rejected, _ = bound_norms(agg, payloads, capped_updates, rc)
+    return kept, capped, clipped, rejected
+
+
+def _peak_mb(fn):
+    """(fn(), MB the resident set grew by while it ran), after handing freed heap back to the OS (glibc
+    malloc_trim), so that memory an earlier phase freed but the allocator kept does not hide this one's."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    base_kb = _reset_peak()
+    out = fn()
+    return out, max(0, _status_kb("VmHWM") - base_kb) / 1024
+
+
+def run_robust_cell(cell: Cell) -> dict:
+    """Aggregation, default bounds and (linear methods) each robust rule of one cell: one untimed run of each for
+    its peak memory (the bounds' run also gives the rules their inputs), then timed runs interleaved per repeat."""
+    torch.set_num_threads(cell.threads)
+    agg, state, updates, ranks = build(cell)
+    updates[0] = make_outlier(agg, state, updates[0])
+    rc = RobustConfig()
+    f = krum_byzantine(cell.clients)
+    payload_s: list[float] = []
+    phases = {"aggregate": lambda: agg.aggregate(state, updates),
+              "bounds": lambda: default_bounds(agg, state, updates, rc, payload_s)}
+    peak_mb: dict[str, float] = {}
+    out, peak_mb["aggregate"] = _peak_mb(phases["aggregate"])
+    del out
+    bounded, peak_mb["bounds"] = _peak_mb(phases["bounds"])
+    kept = bounded[0]
+    if agg.linear:
+        reference = {k: state[k] for k in kept[0].tensors}
+        for rule in cell.rules:
+            config = RobustConfig(rule=rule, krum_byzantine=f)
+            phases[rule] = lambda config=config: robust_combine(reference, kept, agg.weights(kept), config)
+            out, peak_mb[rule] = _peak_mb(phases[rule])
+            del out
+    payload_s.clear()
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    while len(times["aggregate"]) < cell.repeats and (
+            not times["aggregate"] or sum(t[-1] for t in times.values()) < cell.budget_s):
+        for name, fn in phases.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - t0)
+            del out
+    return {"time_s": {name: statistics.median(t) for name, t in times.items()}, "runs": len(times["aggregate"]),
+            "peak_mb": peak_mb, "rank_sum": sum(ranks), "krum_f": f, "payload_s": statistics.median(payload_s),
+            "capped": len(bounded[1]), "clipped": len(bounded[2]), "rejected": len(bounded[3])}
+
+
+def robust_section(args, clients: list[int], ranks: list[int], methods: list[str]) -> None:
+    """The "robust defaults and rules" table: one subprocess per (shape, clients, method)."""
+    rules = tuple(r for r in args.rules.split(",") if r and r != "none")
+    if set(rules) - set(RULES):
+        raise SystemExit(f"--rules: unknown {sorted(set(rules) - set(RULES))}; choose from {list(RULES)} or none")
+    print(f"\nrobust defaults and rules: median of up to {args.repeats} interleaved repeats (fewer once one took "
+          f"{args.budget:.0f} s); client 0 claims {OUTLIER_CLAIM}x its examples with a {OUTLIER_DELTA:g}x delta; "
+          f"RobustConfig defaults (weight_cap={RobustConfig.weight_cap:g}, norm_bound={RobustConfig.norm_bound:g}); "
+          "multi_krum f = clients // 10 (>= 1)")
+    cols = (f"{'shape':9s} {'layers':>6s} {'clients':>7s} {'method':10s} {'rank sum':>8s} {'agg (s)':>8s} {'runs':>4s} "
+            f"{'bounds (s)':>10s} {'+bounds':>8s} {'ok':>4s} {'payloads':>8s} {'cap/clip/rej':>12s} {'MB':>6s} "
+            f"{'median (s)':>10s} {'x agg':>6s} {'trimmed (s)':>11s} {'x agg':>6s} {'f':>2s} {'krum (s)':>8s} "
+            f"{'x agg':>6s} {'rules MB':>8s}")
+    for shape in args.shapes.split(","):
+        n_layers, d, r = SHAPES[shape]
+        n_layers = args.layers or n_layers
+        print(f"\n{shape}: {n_layers} layers of {d} x {d}, r = {r}")
+        print(cols)
+        for k in clients:
+            for method in methods:
+                cell = Cell(shape, method, k, ranks, args.repeats, args.budget, args.threads, dense=False,
+                            layers=n_layers, rules=rules)
+                row = subprocess_json(["--robust-cell", json.dumps(asdict(cell))])
+                t, mb = row["time_s"], row["peak_mb"]
+                extra = t["bounds"] / t["aggregate"]
+                ok = "PASS" if extra < BOUNDS_TARGET else "FAIL"
+                counts = f"{row['capped']}/{row['clipped']}/{row['rejected']}"
+                line = (f"{shape:9s} {n_layers:6d} {k:7d} {method:10s} {row['rank_sum']:8d} {t['aggregate']:8.3f} "
+                        f"{row['runs']:4d} {t['bounds']:10.3f} {extra:+8.0%} {ok:>4s} {row['payload_s']:8.3f} "
+                        f"{counts:>12s} "
+                        f"{mb['bounds']:6.0f}")
+                for rule, width in zip(RULES, (10, 11, 8), strict=True):
+                    if rule == "multi_krum":
+                        line += f" {row['krum_f'] if rule in t else '-':>2}"
+                    if rule in t:
+                        line += f" {t[rule]:{width}.3f} {t[rule] / t['aggregate']:5.1f}x"
+                    else:
+                        line += f" {'-':>{width}s} {'-':>6s}"
+                rules_mb = [mb[rule] for rule in RULES if rule in mb]
+                line += f" {max(rules_mb):8.0f}" if rules_mb else f" {'-':>8s}"
+                print(line, flush=True)
+    print(f"\n+bounds = bounds time / aggregation time, what the defaults add to it (target < +{BOUNDS_TARGET:.0%}); "
+          "payloads = seconds of the bounds spent building one payload per client; cap/clip/rej = clients "
+          "weight-capped / clipped / rejected by the defaults; MB = resident-set growth of an untimed first run "
+          "(after malloc_trim); rules (linear methods only) time robust_combine alone on the bounded updates, x agg = "
+          "its time / the aggregation's.")
+
+
 def run_dense_svd(shape: str, layers: int, threads: int) -> dict:
     """Seconds for a dense float32 SVD of every layer's d x d update, from ``layers`` measured layers."""
     torch.set_num_threads(threads)
@@ -191,14 +338,23 @@ def main() -> None:
                    help="stop repeating a cell once its runs took this many seconds")
     p.add_argument("--dense-layers", type=int, default=1, help="layers the dense SVD is timed on (0: skip)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--robust", action="store_true", help='run the "robust defaults and rules" section instead')
+    p.add_argument("--layers", type=int, default=0,
+                   help="adapted layers in the robust section (default 0: the shape's, 64 for 7b)")
+    p.add_argument("--rules", default=",".join(RULES),
+                   help="robust section: rules timed for the linear methods (comma-separated, or none)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: JSON Cell, run in this subprocess
     p.add_argument("--dense-cell", help=argparse.SUPPRESS)  # internal: shape for the dense SVD
+    p.add_argument("--robust-cell", help=argparse.SUPPRESS)  # internal: JSON Cell for the robust section
     args = p.parse_args()
     if args.cell:
         print(json.dumps(run_cell(Cell(**json.loads(args.cell)))))
         return
     if args.dense_cell:
         print(json.dumps(run_dense_svd(args.dense_cell, args.dense_layers, args.threads)))
+        return
+    if args.robust_cell:
+        print(json.dumps(run_robust_cell(Cell(**json.loads(args.robust_cell)))))
         return
     clients = [int(c) for c in args.clients.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -207,6 +363,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {available()}")
     print(header(args.threads))
+    if args.robust:
+        robust_section(args, clients, ranks, methods)
+        return
     print(f"one aggregation round, median of up to {args.repeats} runs (fewer once a cell took {args.budget:.0f} s); "
           f"heterogeneous ranks cycle {ranks}; peak = resident-set growth during the aggregation")
     cols = (f"{'shape':9s} {'clients':>7s} {'method':10s} {'rank sum':>8s} {'time (s)':>9s} {'runs':>4s} "
