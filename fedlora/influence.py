@@ -70,7 +70,8 @@ def delta_norm(agg: Aggregator, payload: Mapping[str, torch.Tensor], update: Cli
         keys = list(update.tensors)
     else:
         keys = extras
-    sq = sum(float(((update.tensors[k].double() - payload[k].double()) ** 2).sum()) for k in keys)
+    # float32 differences, one pass each: the sum of squares is accumulated in a Python float (float64)
+    sq = sum(float(torch.linalg.vector_norm(update.tensors[k] - payload[k])) ** 2 for k in keys)
     if not agg.linear:
         s = agg.config.scaling(update.rank)
         for layer in naming.layers_of(update.tensors):

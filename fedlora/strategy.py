@@ -323,7 +323,8 @@ class LoRAStrategy(Strategy):
         updates, stats.weight_capped = bound_weights(updates, self.first_claim, rc)
         if self.privacy.clips_updates:
             return updates
-        payloads = {u.client_id: self.agg.client_payload(self.state, u.rank) for u in updates}
+        by_rank = {r: self.agg.client_payload(self.state, r) for r in {u.rank for u in updates}}  # one per rank
+        payloads = {u.client_id: by_rank[u.rank] for u in updates}
         updates, stats.clipped, rejected, stats.delta_norm_median = bound_norms(self.agg, payloads, updates, rc)
         for note in stats.weight_capped + stats.clipped + rejected:
             log.warning("round %d: %s", stats.round, note)
