@@ -200,7 +200,8 @@ def default_bounds(agg, state, updates, rc: RobustConfig, payload_s: list[float]
     Returns (kept updates, weight-capped notes, clipped notes, rejected notes); appends the seconds spent on the
     payloads to ``payload_s``."""
     t0 = time.perf_counter()
-    payloads = {u.client_id: agg.client_payload(state, u.rank) for u in updates}
+    by_rank = {r: agg.client_payload(state, r) for r in {u.rank for u in updates}}  # one per rank, as the strategy
+    payloads = {u.client_id: by_rank[u.rank] for u in updates}
     if payload_s is not None:
         payload_s.append(time.perf_counter() - t0)
     capped_updates, capped = bound_weights(updates, {}, rc)
