@@ -62,10 +62,6 @@ def parse_overrides(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
     return out
 
 
-def build_config(args: argparse.Namespace) -> dict[str, Any]:
-    return resolve_config(args).to_run_config()
-
-
 def resolve_config(args: argparse.Namespace) -> FedLoraConfig:
     """The run's validated config: ``--set`` pairs, then the dedicated flags."""
     overrides = parse_overrides(args.set or [])

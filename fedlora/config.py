@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedlora.robust import RobustConfig  # the robust.* section lives beside the rules it configures
+
 
 class ConfigError(ValueError):
     """A run-config value is missing, mistyped or out of range; the message names the key and the fix."""
@@ -149,13 +151,6 @@ class RunConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "server_state-<round>.safetensors files kept"})
 
 
-def _robust_config() -> type:
-    from fedlora.robust import RobustConfig
-
-    return RobustConfig
-
-
-RobustConfig = _robust_config()
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
             "train": TrainConfig, "privacy": PrivacyConfig, "robust": RobustConfig}
 

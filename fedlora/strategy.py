@@ -303,12 +303,12 @@ class LoRAStrategy(Strategy):
         updates, privacy_stats = self.privacy.privatise(self.state, updates, self.num_nodes, stats.clients_sampled)
         for key, value in privacy_stats.items():
             setattr(stats, key, value)
-        t_agg = time.perf_counter()
+        self._before, self._round_nodes = self.state, [u.client_id for u in updates]  # before a rule merges them
         if self.cfg.robust.rule != "mean":
             result = robust_combine({k: self.state[k] for k in updates[0].tensors}, updates,
                                     self.agg.weights(updates), self.cfg.robust)
             updates, stats.robust = result.updates, result.info
-        self._before, self._round_nodes = self.state, [u.client_id for u in updates if u.client_id >= 0]
+        t_agg = time.perf_counter()
         old, self.state = self.state, self.agg.aggregate(self.state, updates)
         stats.aggregate_seconds = time.perf_counter() - t_agg
         stats.exactness = exactness_error(self.agg, old, self.state, updates)
@@ -452,8 +452,8 @@ class LoRAStrategy(Strategy):
             self._good_metrics, self._before = dict(metrics), None
             return metrics
         stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
-        suspects = sorted({int(c.split()[1].rstrip(":")) for c in stats.clipped} | set(self._round_nodes))
-        stats.rolled_back = f"{why}; rolled back to the state before round {stats.round} (its clients: {suspects})"
+        stats.rolled_back = (f"{why}; rolled back to the state before round {stats.round} (its clients: "
+                             f"{self._round_nodes})")
         log.warning("round %d: %s", stats.round, stats.rolled_back)
         self.state, self._before = self._before, None
         return dict(good) if good else metrics
