@@ -79,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-clients {args.num_clients} must be >= 1")
     if args.parallel < 1:
         raise ConfigError(f"--parallel {args.parallel} must be >= 1")
+    check_gpus_per_client(args.gpus_per_client, args.engine)
     preflight(cfg, args.num_clients)  # data that cannot be split: ConfigError (exit status 2) before any engine starts
     run_config = cfg.to_run_config()
     if args.engine == "inprocess":
@@ -87,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result = engine.run_simulation_app(run_config, FedLoraConfig().to_run_config(), args.num_clients,
-                                           args.parallel, verbose=args.verbose)
+                                           args.parallel, verbose=args.verbose, gpus_per_client=args.gpus_per_client)
     except engine.EngineError as e:
         print(f"fedlora: could not run the simulation: {e}", file=sys.stderr)
         return 1
@@ -99,6 +100,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f"; full log: {result.log_path}" if result.log_path else ""
     print(f"fedlora: {result.failure()}{where}", file=sys.stderr)
     return 1
+
+
+def check_gpus_per_client(fraction: float, engine: str) -> None:
+    """--gpus-per-client: a share of one GPU in (0, 1], or a whole number of GPUs; only where a GPU is visible."""
+    if fraction == 0:
+        return
+    if fraction < 0 or (fraction > 1 and not float(fraction).is_integer()):
+        raise ConfigError(f"--gpus-per-client {fraction:g} must be a share of one GPU in (0, 1] (0.25 = four "
+                          "clients per GPU) or a whole number of GPUs")
+    if engine != "simulation":
+        raise ConfigError(f"--gpus-per-client applies to --engine simulation (ray); --engine {engine} trains on "
+                          "train.device directly")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--gpus-per-client {fraction:g}: no CUDA device is visible here; drop the flag to train "
+                          "on the CPU")
 
 
 def run_inprocess(run_config: dict[str, Any], args: argparse.Namespace) -> int:
@@ -158,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-clients", type=int, default=4)
     run.add_argument("--parallel", type=int, default=2, help="clients trained at once (simulation engine)")
     run.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation")
+    run.add_argument("--gpus-per-client", type=float, default=0.0, metavar="F",
+                     help="simulation: each client holds F of a GPU (0.25 = four per GPU; client-resources-num-gpus)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own INFO logs and full tracebacks")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. adapter.rank=4")
     run.set_defaults(func=cmd_run)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.accel import autocast, metered, to_device
 from fedlora.adapters import adapter_state, load_adapter_state, reset_adapters
 from fedlora.aggregation import Aggregator
 from fedlora.components import make_aggregator
@@ -47,13 +48,14 @@ def fit(
     t0 = time.perf_counter()
     task, agg, privacy = get_task(cfg), aggregator or make_aggregator(cfg), get_privacy_mode(cfg)
     rank, seed = cfg.adapter.rank_for(partition_id), round_seed(cfg.run.seed, server_round, partition_id)
-    data = task.client_data("train", partition_id, num_partitions)
     model = task.build_model(agg.mode, rank)
+    data = to_device(task.client_data("train", partition_id, num_partitions), task.device)
     if agg.fresh_each_round:
         reset_adapters(model, torch.Generator().manual_seed(seed))
     load_adapter_state(model, payload)
-    metrics, privacy_state = privacy.client_train(task, model, data, seed, privacy_state)
-    metrics.update(rank=float(rank), fit_seconds=time.perf_counter() - t0)
+    with metered(task.device) as usage:
+        metrics, privacy_state = privacy.client_train(task, model, data, seed, privacy_state)
+    metrics.update(rank=float(rank), fit_seconds=time.perf_counter() - t0, **usage.metrics())
     return ClientResult(adapter_state(model, roles=agg.uploads, extras=True), data[0], metrics, privacy_state)
 
 
@@ -66,5 +68,6 @@ def evaluate_client(
     # The global adapter has the global rank (FLoRA's payload holds only merged factors: any rank works).
     model = task.build_model(agg.mode, cfg.adapter.rank)
     load_adapter_state(model, payload)
-    n, enc, targets = task.client_data("test", partition_id, num_partitions)
-    return ClientResult(OrderedDict(), n, task.evaluate(model, enc, targets))
+    n, enc, targets = to_device(task.client_data("test", partition_id, num_partitions), task.device)
+    with autocast(task.device, cfg.train.precision):
+        return ClientResult(OrderedDict(), n, task.evaluate(model, enc, targets))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.aggregation import Aggregator, AggregatorConfig, aggregator_class
-from fedlora.config import FedLoraConfig
+from fedlora.config import FedLoraConfig, device_spec_ok
 
 
 def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
@@ -34,8 +34,15 @@ def node_data(cfg: FedLoraConfig, node_config: Mapping[str, Any], node_id: int) 
     evaluation), which replaces ``data.source`` for this client; ``partition-id`` is optional and only seeds the
     client and picks its rank in ``adapter.ranks`` (default: from the node id, which registration fixes).
     Otherwise (simulation, or one shared file) ``partition-id`` / ``num-partitions`` pick a partition of
-    ``data.source``.
+    ``data.source``. ``device`` (optional, e.g. ``'cuda:1'``) replaces ``train.device`` on this node: several
+    SuperNodes on one multi-GPU host each take their own GPU (docs/gpu.md).
     """
+    if "device" in node_config:
+        device = str(node_config["device"])
+        cfg = replace(cfg, train=replace(cfg.train, device=device))
+        cfg.check([(device_spec_ok(device), "train.device", "(from node config device) must be auto, cpu, cuda "
+                                                            "or cuda:N")])
+        node_config = {k: v for k, v in node_config.items() if k != "device"}
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"])).expanduser()
         if not path.is_dir():

@@ -15,6 +15,16 @@ from typing import Any
 
 from fedlora.robust import RobustConfig  # the robust.* section lives beside the rules it configures
 
+PRECISIONS = ("fp32", "bf16")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+def device_spec_ok(spec: str) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: the syntax only (whether the device exists is asked where it is
+    used, :func:`fedlora.accel.resolve_device`: a server without a GPU may drive clients that have one)."""
+    head, _, index = spec.partition(":")
+    return spec in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit())
+
 
 class ConfigError(ValueError):
     """A run-config value is missing, mistyped or out of range; the message names the key and the fix."""
@@ -30,6 +40,8 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "causal_lm: float32 | bfloat16 (base and adapters)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "causal_lm: recompute activations "
                                                                           "in backward (less memory, slower)"})
+    quantization: str = field(default="none", metadata={"help": "frozen base in 4/8 bit (QLoRA-style, "
+                                                                "bitsandbytes): none | nf4 | fp4 | int8"})
 
 
 @dataclass
@@ -103,6 +115,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_batch_size: int = 64
+    micro_batch_size: int = field(default=0, metadata={"help": "gradient accumulation: forward/backward in chunks "
+                                                               "of this many examples (0 = the whole batch)"})
+    device: str = field(default="auto", metadata={"help": "auto (first CUDA device, else CPU) | cpu | cuda | cuda:N"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast of the forward pass on CUDA; "
+                                                             "adapters, optimizer and uploads stay fp32)"})
 
 
 @dataclass
@@ -214,6 +231,10 @@ class FedLoraConfig:
             (self.train.local_steps >= 1, "train.local-steps", "must be >= 1"),
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.micro_batch_size >= 0, "train.micro-batch-size", "must be >= 0 (0 = the whole batch)"),
+            (self.train.precision in PRECISIONS, "train.precision", f"must be one of {list(PRECISIONS)}"),
+            (device_spec_ok(self.train.device), "train.device", "must be auto, cpu, cuda or cuda:N (N a GPU index)"),
+            (self.model.quantization in QUANTIZATIONS, "model.quantization", f"must be one of {list(QUANTIZATIONS)}"),
             (self.model.max_length >= 8, "model.max-length", "must be >= 8"),
             (self.model.task in available_tasks(), "model.task", f"must be one of {available_tasks()}"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'"),

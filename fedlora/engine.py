@@ -72,14 +72,17 @@ class RunResult:
         return f"run {self.status}: {why}"
 
 
-def simulation_federation_config(num_clients: int, parallel: int, cpu_count: int | None = None) -> dict[str, Any]:
+def simulation_federation_config(num_clients: int, parallel: int, cpu_count: int | None = None,
+                                  gpus_per_client: float = 0.0) -> dict[str, Any]:
     """Flower's simulation options (``--federation-config`` keys) for ``num_clients`` SuperNodes of which
     ``parallel`` train at once: each client gets cpu_count / min(num_clients, parallel) CPUs (Flower takes whole
-    CPUs here, at least 1) and ray gets every CPU."""
+    CPUs here, at least 1) and ray gets every CPU. ``gpus_per_client`` F > 0: each client also holds F of a GPU
+    (``client-resources-num-gpus``), so 1/F clients share one GPU, as in FlowerTune; ray then shows each client
+    only its GPU (``train.device=auto`` finds it) and runs at most (GPUs / F) of them at once."""
     cpus = cpu_count or os.cpu_count() or 1
     return {"num-supernodes": num_clients,
             "client-resources-num-cpus": max(1, cpus // max(1, min(num_clients, parallel))),
-            "client-resources-num-gpus": 0.0,
+            "client-resources-num-gpus": float(gpus_per_client),
             "init-args-num-cpus": cpus}
 
 
@@ -428,7 +431,7 @@ def _pairs(values: dict[str, Any]) -> str:
 
 
 def run_simulation_app(run_config: dict[str, Any], defaults: dict[str, Any], num_clients: int, parallel: int,
-                       verbose: bool = False, out: TextIO | None = None) -> RunResult:
+                       verbose: bool = False, out: TextIO | None = None, gpus_per_client: float = 0.0) -> RunResult:
     """Run fedlora's ServerApp/ClientApp as one Flower simulation run on a private local SuperLink.
 
     ``run_config`` travels as the run's config overrides (every key must be in ``defaults``, the app's
@@ -446,7 +449,7 @@ def run_simulation_app(run_config: dict[str, Any], defaults: dict[str, Any], num
         (app / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(defaults)))
         overrides = link.root / "run-config.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)))
-        fed = simulation_federation_config(num_clients, parallel)
+        fed = simulation_federation_config(num_clients, parallel, gpus_per_client=gpus_per_client)
         res = link.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(overrides),
                         "--federation-config", _pairs(fed), timeout=300)
         try:

@@ -18,7 +18,8 @@ from fedlora.tasks import get_task
 
 
 def merged_model(cfg: FedLoraConfig, agg: Aggregator, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = get_task(cfg).build_model(agg.mode, cfg.adapter.rank)
+    # A quantised run's adapter merges onto the full-precision base (the quantised weights are never exported).
+    model = get_task(cfg).build_model(agg.mode, cfg.adapter.rank, quantization="none")
     load_adapter_state(model, agg.client_payload(state, cfg.adapter.rank))
     return merge_adapters(model)
 

@@ -41,6 +41,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n}"
 
 
+def _fmt_count(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
+
+
 class Reporter:
     def __init__(self, cfg: FedLoraConfig, output_dir: str | Path, printer=print) -> None:
         self.cfg = cfg
@@ -97,6 +101,10 @@ class Reporter:
         if row["round"] > 0:
             parts += [f"down {_fmt_bytes(row['bytes_down'])} up {_fmt_bytes(row['bytes_up'])}",
                       f"{row['seconds']:.1f} s"]
+        if row.get("tokens_per_second") is not None:
+            parts.append(f"{_fmt_count(row['tokens_per_second'])} tok/s")
+        if row.get("peak_memory_mb") is not None:
+            parts.append(f"peak {_fmt_bytes(row['peak_memory_mb'] * 2**20)}")
         if row.get("epsilon") is not None:
             parts.append(f"eps {row['epsilon']:.2f}")
         if row["rejected"]:

@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from fedlora.accel import autocast, to_device
 from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.aggregation import Aggregator, ServerContext
 from fedlora.checkpoint import has_checkpoint, load_checkpoint
@@ -38,19 +39,26 @@ def initial_state(cfg: FedLoraConfig, agg: Aggregator) -> OrderedDict[str, torch
     task = get_task(cfg)
     model = task.build_model(agg.mode, cfg.adapter.rank)
     state = agg.init_state(adapter_state(model))
-    return agg.server_init(state, ServerContext(base_gradients=lambda n: task.base_gradients(model, n),
-                                                lr=cfg.train.lr))
+
+    def base_gradients(n: int) -> dict[str, torch.Tensor]:
+        # A quantised base has no weight to differentiate: the same seeded model in full precision stands in.
+        full = model if cfg.model.quantization == "none" else task.build_model(agg.mode, cfg.adapter.rank, "none")
+        return task.base_gradients(full, n)
+
+    return agg.server_init(state, ServerContext(base_gradients=base_gradients, lr=cfg.train.lr))
 
 
 def global_evaluator(cfg: FedLoraConfig, agg: Aggregator):
     """Server-side evaluation of the global adapter on the held-out split (encoded once)."""
     task = get_task(cfg)
     enc, targets = task.encode(task.server_dataset())
+    _, enc, targets = to_device((len(targets), enc, targets), task.device)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
         model = task.build_model(agg.mode, cfg.adapter.rank)
         load_adapter_state(model, agg.client_payload(state, cfg.adapter.rank))
-        return task.evaluate(model, enc, targets)
+        with autocast(task.device, cfg.train.precision):
+            return task.evaluate(model, enc, targets)
 
     return evaluate_state
 

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -83,8 +84,20 @@ class RoundStats:
     delta_norm_median: float | None = None  # the round's median update size (what robust.norm-bound multiplies)
     robust: dict = field(default_factory=dict)  # robust.rule's facts (e.g. multi-Krum's selection)
     rolled_back: str | None = None  # the divergence guard undid this round: why, and the round's clients
+    # Per client (node -> {examples_per_second, tokens_per_second, peak_memory_mb}) as each client reported it
+    # (informational: never used to aggregate); the round's largest peak and median throughput summarise it.
+    client_usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    peak_memory_mb: float | None = None  # CUDA: peak allocated in training; CPU: the client process's peak RSS
+    tokens_per_second: float | None = None  # median over clients of non-padding input tokens per second of training
     global_perplexity: float | None = None  # causal-LM task: exp(global_loss), token-level
     fed_perplexity: float | None = None  # causal_lm: exp(fed_loss), fed_loss weighted by client sequences
+
+
+def summarise_usage(stats: RoundStats) -> None:
+    peaks = [u["peak_memory_mb"] for u in stats.client_usage.values() if "peak_memory_mb" in u]
+    rates = sorted(u["tokens_per_second"] for u in stats.client_usage.values() if "tokens_per_second" in u)
+    stats.peak_memory_mb = max(peaks) if peaks else None
+    stats.tokens_per_second = rates[len(rates) // 2] if rates else None
 
 
 class StopRun(RuntimeError):
@@ -104,6 +117,23 @@ class _Reply:
     update: ClientUpdate
     loss: float
     epsilon: float | None
+    usage: dict[str, float] = field(default_factory=dict)
+
+
+USAGE_KEYS = ("examples_per_second", "tokens_per_second", "peak_memory_mb")
+
+
+def reported_usage(metrics: Any) -> dict[str, float]:
+    """The usage figures a client reported (fedlora.accel.Usage), finite and >= 0 ones only."""
+    out = {}
+    for key in USAGE_KEYS:
+        try:
+            value = float(metrics[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value >= 0:
+            out[key] = value
+    return out
 
 
 class LoRAStrategy(Strategy):
@@ -273,6 +303,8 @@ class LoRAStrategy(Strategy):
                 continue
             good.append(r)
             self.node_rank[node] = r.update.rank
+            if r.usage:
+                stats.client_usage[str(node)] = r.usage
             if r.epsilon is not None:
                 stats.client_epsilon[str(node)] = r.epsilon
                 log.info("round %d: node %d has spent epsilon %.3f", rnd, node, r.epsilon)
@@ -284,6 +316,7 @@ class LoRAStrategy(Strategy):
         updates = sorted((r.update for r in good), key=lambda u: u.client_id)  # a fixed order, whatever the replies'
         if stats.client_epsilon:
             stats.epsilon = max(stats.client_epsilon.values())
+        summarise_usage(stats)
         updates = self._bound(updates, stats)
         stats.clients_aggregated = len(updates)
         if len(updates) < max(1, stats.clients_required):
@@ -359,7 +392,7 @@ class LoRAStrategy(Strategy):
         except ValueError as e:
             raise InvalidUpdate(str(e)) from None
         tensors = decode_update(record, self.agg.expected_upload(self.state, rank), self.limits)
-        return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon)
+        return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon, reported_usage(metrics))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:

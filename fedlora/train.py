@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.accel import autocast, count_batch, micro_batches, model_device
 from fedlora.config import TrainConfig
 
 
@@ -63,24 +64,36 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
     clients (or rounds) never share dropout masks, the same seed gives the same result, and the caller's global
     RNG is left as it was. A fresh optimizer each round, as in the FedSVD and FLoRA reference code: optimizer
     moments of a previous global model would be stale after aggregation.
+
+    ``train.micro-batch-size`` splits each batch into chunks whose gradients accumulate before the step, each
+    chunk's mean loss weighted by its share of the batch: the same gradient as the whole batch (the loss is a
+    mean of per-example losses), within float rounding. ``train.precision='bf16'`` autocasts the forward pass
+    on CUDA (:mod:`fedlora.accel`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    device = model_device(model)
     losses: list[float] = []
     correct = counted = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
         for step, idx in enumerate(batch_order(len(targets), train.batch_size, train.local_steps, gen)):
-            loss, c, k = loss_fn(model, enc, targets, idx)
-            check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            chunks = micro_batches(idx, train.micro_batch_size)
+            total = 0.0
+            for chunk in chunks:
+                count_batch(enc, chunk)
+                with autocast(device, train.precision):
+                    loss, c, k = loss_fn(model, enc, targets, chunk)
+                check_finite(loss, step)
+                (loss if len(chunks) == 1 else loss * (len(chunk) / len(idx))).backward()
+                total += loss.item() * len(chunk) / len(idx)
+                correct, counted = correct + c, counted + k
             if train.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             opt.step()
-            losses.append(loss.item())
-            correct, counted = correct + c, counted + k
+            losses.append(total)
     model.eval()
     return losses, correct, counted

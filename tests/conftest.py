@@ -37,6 +37,19 @@ def run_local(out: Path, num_nodes: int = 3, client_app=None, fail_nodes=(), **o
     return grid, rows, summary
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip, with the reason, where no CUDA device is visible (CI, this project's
+    machines); benchmarks/gpu_check.sh runs them on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def local_run():
     return run_local

@@ -45,6 +45,16 @@ def test_simulation_keeps_partitions():
     assert (cfg.data.source, pid, n) == ("austen", 1, 4)
 
 
+def test_node_config_device_replaces_train_device_on_that_node_only():
+    cfg, pid, n = node_data(FedLoraConfig(), {"partition-id": 1, "num-partitions": 4, "device": "cuda:1"}, node_id=5)
+    assert (cfg.train.device, pid, n) == ("cuda:1", 1, 4)
+    assert FedLoraConfig().train.device == "auto"
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="node config device"):
+        node_data(FedLoraConfig(), {"partition-id": 1, "num-partitions": 4, "device": "gpu1"}, node_id=5)
+
+
 @pytest.mark.parametrize("node_config, match", [
     ({"data-path": "/no/such/folder"}, "data-path='/no/such/folder' is not a folder"),
     ({"partition-id": 0}, "num-partitions"),

@@ -34,12 +34,17 @@ class LowRankLinear(nn.Module):
         self.mode = mode
         self.rank = rank
         self.scaling = alpha / rank
-        d_out, d_in = base.weight.shape
+        d_out, d_in = base.out_features, base.in_features  # a 4-bit base's weight is packed: not its shape
         dev, dt = base.weight.device, base.weight.dtype
+        if not dt.is_floating_point:  # quantised base (fedlora.quantize): the adapter trains in fp32
+            dt = torch.float32
         self.lora_A = nn.Linear(d_in, rank, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(rank, d_out, bias=False, device=dev, dtype=dt)
         self.lora_R = nn.Linear(rank, rank, bias=False, device=dev, dtype=dt) if mode == "sb" else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # FLoRA's merged factors on a base that cannot absorb them (quantised): frozen, applied beside it.
+        self.register_buffer("merged_A", None)
+        self.register_buffer("merged_B", None)
         self.reset_adapter()
         self.base.weight.requires_grad_(False)
         if self.base.bias is not None:
@@ -84,11 +89,32 @@ class LowRankLinear(nn.Module):
             b = b @ self.lora_R.weight
         return self.scaling * (b @ self.lora_A.weight)
 
+    @property
+    def quantized_base(self) -> bool:
+        """The base is a bitsandbytes 4/8-bit layer (fedlora.quantize): nothing can be added to its weight."""
+        return type(self.base).__module__.startswith("bitsandbytes")
+
+    def add_merged(self, merged_b: torch.Tensor, merged_a: torch.Tensor) -> None:
+        """Add a frozen update MB @ MA to the base: into the weight when it is a plain float tensor (exact, no
+        extra compute), else (a quantised base) as frozen factors applied in :meth:`forward`."""
+        w = self.base.weight
+        if not self.quantized_base:
+            w.add_((merged_b.to(torch.float32) @ merged_a.to(torch.float32)).to(w.dtype))
+            return
+        dev = self.lora_A.weight.device
+        a, b = merged_a.to(dev, torch.float32), merged_b.to(dev, torch.float32)
+        if self.merged_A is not None:
+            a, b = torch.cat([self.merged_A, a]), torch.cat([self.merged_B, b], dim=1)
+        self.merged_A, self.merged_B = a, b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A(self.dropout(x))
         if self.lora_R is not None:
             h = self.lora_R(h)
-        return self.base(x) + self.lora_B(h) * self.scaling
+        out = self.base(x) + self.lora_B(h) * self.scaling
+        if self.merged_A is not None:
+            out = out + nn.functional.linear(nn.functional.linear(x, self.merged_A), self.merged_B)
+        return out
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, rank={self.rank}, scaling={self.scaling:g}"

@@ -20,7 +20,8 @@ def adapter_state(
 ) -> OrderedDict[str, torch.Tensor]:
     """Adapter tensors of the given roles for every adapted layer, plus the trainable head ("extras").
 
-    Tensors are detached float32 copies, so the caller can ship or keep them without aliasing the model.
+    Tensors are detached float32 copies on the CPU, so the caller can ship, aggregate or keep them without
+    aliasing the model: this is where adapter tensors leave a GPU.
     """
     roles = tuple(roles)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -28,10 +29,10 @@ def adapter_state(
         for role in roles:
             mod = getattr(layer, _ATTR[role])
             if mod is not None:
-                out[naming.key(path, role)] = mod.weight.detach().to(torch.float32).clone()
+                out[naming.key(path, role)] = mod.weight.detach().to("cpu", torch.float32, copy=True)
     if extras:
         for name in head_names(model):
-            out[name] = model.get_parameter(name).detach().to(torch.float32).clone()
+            out[name] = model.get_parameter(name).detach().to("cpu", torch.float32, copy=True)
     return out
 
 
@@ -74,20 +75,22 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
         for path, f in merged.items():
             if set(f) != {"MA", "MB"}:
                 raise KeyError(f"layer {path!r}: merged_A and merged_B must come together")
-            d_out, d_in = layers[path].base.weight.shape
+            d_out, d_in = layers[path].out_features, layers[path].in_features
             m = f["MA"].shape[0] if f["MA"].dim() else -1
             for role, want in (("MA", (m, d_in)), ("MB", (d_out, m))):
                 if tuple(f[role].shape) != want:
                     raise ValueError(f"tensor {naming.key(path, role)!r} has shape {tuple(f[role].shape)}, "
                                      f"the model expects {want}")
             if f["MA"].shape[0]:
-                w = layers[path].base.weight
-                w.add_((f["MB"].to(torch.float32) @ f["MA"].to(torch.float32)).to(w.dtype))
+                layers[path].add_merged(f["MB"], f["MA"])
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W <- W + s B (R) A) and put the plain ``nn.Linear`` back."""
     for path, layer in adapter_layers(model).items():
+        if layer.quantized_base:
+            raise ValueError(f"layer {path!r} has a quantised base: merge onto the full-precision base (build the "
+                             "model with model.quantization=none)")
         with torch.no_grad():
             layer.base.weight.add_(layer.delta_weight().to(layer.base.weight.dtype))
         parent_name, _, child = path.rpartition(".")

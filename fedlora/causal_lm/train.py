@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.accel import model_device
 from fedlora.causal_lm.data import IGNORE, eos_id
 from fedlora.train import take_batch
 
@@ -82,7 +83,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: S
     eos = eos_id(tokenizer)
     out: list[str] = []
     for ids in prompt_ids:
-        x = torch.tensor([list(ids)], dtype=torch.long)
+        x = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
         y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                            do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
                            use_cache=True)

@@ -30,6 +30,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedlora.accel import autocast, count_batch, model_device
 from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
 from fedlora.tasks.classification import classification_loss
@@ -152,7 +153,8 @@ def train_local_dp(
 
     ``accountant`` gains the steps at (noise_multiplier, q = min(1, batch_size / n)), empty batches
     included. Same seed, same model and data -> identical result (Poisson sampling, noise and dropout are
-    seeded; the caller's global RNG state is left as it was).
+    seeded; the caller's global RNG state is left as it was). ``train.precision='bf16'`` autocasts the forward
+    pass on CUDA; opacus then clips per-example gradients computed from bf16 activations, accumulated in fp32.
     """
     n = len(labels)
     steps, batch_size = train.local_steps, train.batch_size
@@ -160,6 +162,7 @@ def train_local_dp(
     correct = seen = 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    device = model_device(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # adapter/model dropout
         with dp_session(model, n, batch_size, clip, noise_multiplier, accountant, opt, seed,
@@ -171,7 +174,9 @@ def train_local_dp(
                     if len(idx) == 0:
                         _noise_only_step(dp_opt)
                     else:
-                        loss, c, k = loss_fn(model, enc, labels, idx)
+                        count_batch(enc, idx)
+                        with autocast(device, train.precision):
+                            loss, c, k = loss_fn(model, enc, labels, idx)
                         check_finite(loss, done)
                         loss.backward()
                         dp_opt.step()

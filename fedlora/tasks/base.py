@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from fedlora.accel import model_device, resolve_device, to_device
 from fedlora.adapters import adapter_layers, inject_adapters
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.data import partition
@@ -57,6 +58,8 @@ class Task(ABC):
                          (key "*" = any other model type).
       default_head:      trainable, aggregated head modules when ``adapter.head='auto'`` ('' = none).
       partition_schemes: the ``data.partition`` values this task can split its data by.
+      full_precision:    modules a quantised base (``model.quantization``) keeps in full precision (the output
+                         head), besides ``adapter.head``.
     """
 
     name: ClassVar[str]
@@ -64,6 +67,7 @@ class Task(ABC):
     default_targets: ClassVar[dict[str, str]]
     default_head: ClassVar[str] = ""
     partition_schemes: ClassVar[tuple[str, ...]] = ("iid", "dirichlet")
+    full_precision: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: FedLoraConfig) -> None:
         self.cfg = cfg
@@ -97,16 +101,33 @@ class Task(ABC):
     @abstractmethod
     def tokenizer(self) -> Any: ...
 
-    def build_model(self, mode: str, rank: int) -> nn.Module:
-        """Base model with adapters of ``mode``/``rank`` on the configured targets (and the trainable head). The
-        adapter init is seeded by ``run.seed`` in a forked RNG: identical on server and clients, and the caller's
-        global RNG (which local training seeds per client and round) is left alone."""
-        a = self.cfg.adapter
+    @property
+    def device(self) -> torch.device:
+        """Where this process trains and evaluates (``train.device``, resolved here: docs/gpu.md)."""
+        return resolve_device(self.cfg.train.device)
+
+    def build_model(self, mode: str, rank: int, quantization: str | None = None) -> nn.Module:
+        """Base model with adapters of ``mode``/``rank`` on the configured targets (and the trainable head), on
+        :attr:`device`. The adapter init is seeded by ``run.seed`` in a forked RNG: identical on server and
+        clients, and the caller's global RNG (which local training seeds per client and round) is left alone.
+
+        ``quantization`` (default ``model.quantization``) != 'none': every other linear layer of the base is
+        4/8-bit (:mod:`fedlora.quantize`), quantised on the device by the move there; the adapters stay fp32."""
+        a, device = self.cfg.adapter, self.device
+        scheme = self.cfg.model.quantization if quantization is None else quantization
         model = self.base_model()
+        if scheme != "none":
+            from fedlora.quantize import quantize_base
+
+            bf16 = (self.cfg.train.precision == "bf16" and device.type == "cuda") or self.cfg.model.dtype == "bfloat16"
+            quantize_base(model, scheme, keep=[*a.heads(), *self.full_precision],
+                          compute_dtype=torch.bfloat16 if bf16 else torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.run.seed)
             inject_adapters(model, a.targets(), rank=rank, alpha=a.alpha, mode=mode, dropout=a.dropout,
                             head=a.heads())
+        if scheme != "none" or device.type != "cpu":
+            model.to(device)
         return model
 
     # -- data: the hooks a task implements ----------------------------------------------------------------
@@ -224,7 +245,8 @@ class Task(ABC):
         layers = adapter_layers(model)
         for layer in layers.values():
             layer.base.weight.requires_grad_(True)
-        enc, targets = self.encode(self.server_sample(num_examples))
+        n, enc, targets = to_device((num_examples, *self.encode(self.server_sample(num_examples))),
+                                    model_device(model))
         n = len(targets)
         bs = self.cfg.train.batch_size
         model.train()
@@ -235,7 +257,7 @@ class Task(ABC):
                     idx = torch.arange(start, min(start + bs, n))
                     loss = self.batch_loss(model, enc, targets, idx)[0] * (len(idx) / n)
                     loss.backward()
-            return {path: layer.base.weight.grad.detach().clone() for path, layer in layers.items()}
+            return {path: layer.base.weight.grad.detach().to("cpu", copy=True) for path, layer in layers.items()}
         finally:
             model.eval()
             for layer in layers.values():

@@ -57,6 +57,7 @@ class CausalLMTask(Task):
     default_targets = {"llama": LLAMA_TARGETS, "mistral": LLAMA_TARGETS, "qwen2": LLAMA_TARGETS,
                        "gpt2": "c_attn", "gpt_neox": "query_key_value", "*": LLAMA_TARGETS}
     default_head = ""
+    full_precision = ("lm_head",)
     partition_schemes = ("iid", "dirichlet", "label")  # label: one group (e.g. one novel) per client
 
     @classmethod

@@ -53,6 +53,7 @@ class ClassificationTask(Task):
                        "llama": "q_proj,v_proj", "mistral": "q_proj,v_proj", "qwen2": "q_proj,v_proj",
                        "*": "query,value"}
     default_head = "classifier"
+    full_precision = ("classifier",)
 
     @classmethod
     def model_type(cls, name: str) -> str | None:

@@ -16,7 +16,8 @@ ROUNDS = 4
 # 2 of 3 nodes sampled per round: a resumed run must sample by the absolute round number.
 COMMON = {"fraction-train": 0.67, "train.local-steps": 2, "seed": 3}
 METHOD_OVERRIDES = {"fedit": {}, "flora": {"adapter.ranks": RANKS}, "fedsvd": {}}
-TIMING = ("seconds", "aggregate_seconds")
+# Measured on the machine, not derived from the run: they differ between any two runs.
+TIMING = ("seconds", "aggregate_seconds", "client_usage", "peak_memory_mb", "tokens_per_second")
 
 
 def _overrides(method: str, rounds: int, **extra) -> dict:
