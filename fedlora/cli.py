@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-clients {args.num_clients} must be >= 1")
     if args.parallel < 1:
         raise ConfigError(f"--parallel {args.parallel} must be >= 1")
-    check_gpus_per_client(args.gpus_per_client, args.engine)
+    check_gpus_per_client(args.gpus_per_client, args.engine, cfg.train.device)
     preflight(cfg, args.num_clients)  # data that cannot be split: ConfigError (exit status 2) before any engine starts
     run_config = cfg.to_run_config()
     if args.engine == "inprocess":
@@ -102,9 +102,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
-def check_gpus_per_client(fraction: float, engine: str) -> None:
-    """--gpus-per-client: a share of one GPU in (0, 1], or a whole number of GPUs; only where a GPU is visible."""
+def check_gpus_per_client(fraction: float, engine: str, device: str = "auto") -> None:
+    """--gpus-per-client: a share of one GPU in (0, 1], or a whole number of GPUs; only where a GPU is visible.
+    Without it a ray simulation sees no GPU (fedlora.engine), so train.device=cuda there needs it."""
     if fraction == 0:
+        if engine == "simulation" and device.startswith("cuda"):
+            raise ConfigError(f"train.device={device!r} in a ray simulation needs GPUs for the clients: add "
+                              "--gpus-per-client F (e.g. 0.25: four clients per GPU), or use --engine inprocess")
         return
     if fraction < 0 or (fraction > 1 and not float(fraction).is_integer()):
         raise ConfigError(f"--gpus-per-client {fraction:g} must be a share of one GPU in (0, 1] (0.25 = four "

@@ -207,8 +207,9 @@ class LocalSuperLink:
     folder), a free port, in-memory state. Use as a context manager: leaving it stops every process the SuperLink
     started and deletes the folder."""
 
-    def __init__(self, verbose: bool = False, cwd: str | Path | None = None) -> None:
+    def __init__(self, verbose: bool = False, cwd: str | Path | None = None, hide_gpus: bool = False) -> None:
         self.verbose = verbose
+        self.hide_gpus = hide_gpus
         self.cwd = str(cwd or os.getcwd())  # the ServerApp/ClientApps run here: relative paths keep their meaning
         self.root = Path(tempfile.mkdtemp(prefix="fedlora-superlink-"))
         self.home = self.root / "flwr-home"
@@ -226,6 +227,10 @@ class LocalSuperLink:
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else: a venv per run, CUDA torch (note 1)
                "FLWR_DISABLE_UPDATE_CHECK": "1"}
         env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        if self.hide_gpus:
+            # ray (with the variable above) no longer hides GPUs from clients given none: without --gpus-per-client
+            # the whole simulation (server included) trains on the CPU, never several clients unplanned on one GPU.
+            env["CUDA_VISIBLE_DEVICES"] = ""
         if not self.verbose:
             env["FLWR_LOG_LEVEL"] = "WARNING"  # Flower's INFO lines (server, clients, CLI) stay out of the way
         return env
@@ -443,7 +448,7 @@ def run_simulation_app(run_config: dict[str, Any], defaults: dict[str, Any], num
 
     out = out or sys.stdout
     color = hasattr(out, "isatty") and out.isatty()
-    with _terminate_as_interrupt(), LocalSuperLink(verbose=verbose) as link:
+    with _terminate_as_interrupt(), LocalSuperLink(verbose=verbose, hide_gpus=gpus_per_client == 0) as link:
         app = link.root / "app"
         app.mkdir()
         (app / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(defaults)))

@@ -3,6 +3,8 @@ the CUDA side)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -191,6 +193,16 @@ def test_gpus_per_client_sets_the_client_resources_and_needs_a_gpu(monkeypatch) 
     assert engine.simulation_federation_config(4, 2, 2)["client-resources-num-gpus"] == 0.0
     assert engine.simulation_federation_config(4, 2, 16, gpus_per_client=0.25)["client-resources-num-gpus"] == 0.25
     check_gpus_per_client(0.0, "simulation")
+    check_gpus_per_client(0.0, "inprocess", "cuda")  # the in-process engine trains on train.device directly
+    with pytest.raises(ConfigError, match="needs GPUs for the clients: add --gpus-per-client"):
+        check_gpus_per_client(0.0, "simulation", "cuda:0")
+    for hide in (True, False):
+        link = engine.LocalSuperLink(hide_gpus=hide)
+        try:
+            env = link.env()
+        finally:
+            link.stop()
+        assert env.get("CUDA_VISIBLE_DEVICES") == ("" if hide else os.environ.get("CUDA_VISIBLE_DEVICES"))
     for bad in (-0.5, 1.5):
         with pytest.raises(ConfigError, match="--gpus-per-client"):
             check_gpus_per_client(bad, "simulation")
