@@ -56,6 +56,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def rng_devices(device: torch.device) -> list[torch.device]:
+    """The devices whose RNG ``torch.random.fork_rng`` must fork for code running on ``device`` (dropout on a GPU
+    draws from that GPU's generator): seeded and restored like the CPU's, so a GPU run is as reproducible."""
+    return [device] if device.type == "cuda" else []
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for a forward pass on ``device`` when ``precision='bf16'`` and the device type allows it;
     otherwise nothing (fp32)."""

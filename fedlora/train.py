@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.accel import autocast, count_batch, micro_batches, model_device
+from fedlora.accel import autocast, count_batch, micro_batches, model_device, rng_devices
 from fedlora.config import TrainConfig
 
 
@@ -76,7 +76,7 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
     device = model_device(model)
     losses: list[float] = []
     correct = counted = 0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         model.train()
         for step, idx in enumerate(batch_order(len(targets), train.batch_size, train.local_steps, gen)):

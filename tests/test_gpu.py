@@ -87,3 +87,11 @@ def test_a_federation_on_cuda_reports_device_memory(local_run, tmp_path) -> None
     trained = [r for r in rows if r["round"] > 0]
     assert trained and all(0 < r["peak_memory_mb"] < 4096 for r in trained)
     assert summary["rounds"] >= 2
+
+
+def test_the_same_seed_gives_the_same_round_on_cuda_with_dropout() -> None:
+    cfg = _cfg("cuda", **{"adapter.dropout": 0.2})
+    a, b = (fit(cfg, {}, 1, 4, server_round=3) for _ in range(2))
+    c = fit(cfg, {}, 1, 4, server_round=4)  # another round: other dropout masks
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)

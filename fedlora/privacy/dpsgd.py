@@ -30,7 +30,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedlora.accel import autocast, count_batch, model_device
+from fedlora.accel import autocast, count_batch, model_device, rng_devices
 from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
 from fedlora.tasks.classification import classification_loss
@@ -163,7 +163,7 @@ def train_local_dp(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     device = model_device(model)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)  # adapter/model dropout
         with dp_session(model, n, batch_size, clip, noise_multiplier, accountant, opt, seed,
                         grad_sample_mode) as (dp_opt, loader):

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from fedlora.accel import model_device, resolve_device, to_device
+from fedlora.accel import model_device, resolve_device, rng_devices, to_device
 from fedlora.adapters import adapter_layers, inject_adapters
 from fedlora.config import ConfigError, FedLoraConfig
 from fedlora.data import partition
@@ -251,7 +251,7 @@ class Task(ABC):
         bs = self.cfg.train.batch_size
         model.train()
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=rng_devices(model_device(model))):
                 torch.manual_seed(self.cfg.run.seed)
                 for start in range(0, n, bs):
                     idx = torch.arange(start, min(start + bs, n))
