@@ -1,8 +1,9 @@
 """The Flower strategy: a thin adapter between Flower's Message API and a registered aggregator.
 
 Per round it sends each sampled node its method payload (frozen factors only once per node; of stacked merged
-factors only what the node does not hold yet, fedlora.downlink), decodes and validates the replies (a bad update is dropped with a logged reason; the round goes on with the rest),
-lets the aggregator compute the new global state, checkpoints it atomically, and counts bytes exactly.
+factors only what the node does not hold yet, fedlora.downlink), decodes and validates the replies (a bad update is
+dropped with a logged reason; the round goes on with the rest), lets the aggregator compute the new global state,
+checkpoints it atomically, and counts bytes exactly.
 
 Faults: a node that raises, does not reply within ``round-timeout`` or vanishes is logged by name in the
 round's ``failed`` list. A round with fewer valid updates than max(min-fit-clients, ceil(min-fit-fraction *

@@ -20,7 +20,7 @@ from client.app import MERGED_KEY, make_client_app
 from fedlora import naming
 from fedlora.adapters import adapter_layers
 from fedlora.aggregation import AggregatorConfig, get_aggregator
-from fedlora.checkpoint import read_checkpoint, checkpoint_path
+from fedlora.checkpoint import checkpoint_path, read_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.downlink import MergedDownlink, MergedStateLost, apply_merged
 from fedlora.wire import MERGED_STATE_LOST, from_record, logical_bytes
