@@ -31,7 +31,7 @@ from fedlora import naming
 from fedlora.aggregation import AggregatorConfig, available, get_aggregator
 from fedlora.checkpoint import load_checkpoint
 from fedlora.cli import quiet_flower
-from simulations.compare import run_method
+from simulations.cells import run_method
 
 TARGET = 1.02  # serialised / logical bytes
 HETEROGENEOUS_RANKS = "4,6,8"  # client ranks for flora / flexlora / hetlora (adapter.rank 8 = r_max)

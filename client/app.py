@@ -1,7 +1,8 @@
 """The Flower ClientApp: decode the payload, train or evaluate with fedlora, send back adapter tensors only.
 
-Per-client state that must outlive a round (the method's frozen factors, which the server sends once)
-lives in ``context.state``: in deployment every message runs in a fresh process, so globals would be lost.
+Per-client state that must outlive a round (the method's frozen factors, which the server sends once; FLoRA's
+cumulative merged factors, onto which the server sends only each round's new stack) lives in ``context.state``:
+in deployment every message runs in a fresh process, so globals would be lost.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from fedlora.aggregation import Aggregator
 from fedlora.client import BudgetExhausted, evaluate_client, fit
 from fedlora.components import make_aggregator, node_data
 from fedlora.config import FedLoraConfig
+from fedlora.downlink import MergedStateLost, apply_merged
 from fedlora.privacy import privacy_mode_class
 from fedlora.tasks import get_task
 from fedlora.train import NonFiniteLoss
-from fedlora.wire import BUDGET_EXHAUSTED, NON_FINITE_LOSS, from_record, to_record
+from fedlora.wire import BUDGET_EXHAUSTED, MERGED_STATE_LOST, NON_FINITE_LOSS, from_record, to_record
 
 FROZEN_KEY = "fedlora.frozen"
 PRIVACY_KEY = "fedlora.privacy"
+MERGED_KEY = "fedlora.merged"  # ArrayRecord: the cumulative merged factors this node holds (FLoRA)
+MERGED_GENERATION_KEY = "fedlora.merged-generation"  # ConfigRecord: their generation per layer
 
 
 def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Context) -> dict[str, torch.Tensor]:
@@ -40,6 +44,24 @@ def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Cont
         raise RuntimeError(f"method {agg.name!r}: the server did not send the frozen factors {agg.frozen} and "
                            "this node has none cached (was its state lost?)")
     return {**from_record(context.state[FROZEN_KEY]), **payload}
+
+
+def with_merged(payload: dict[str, torch.Tensor], config: ConfigRecord, context: Context) -> dict[str, torch.Tensor]:
+    """The payload with the cumulative merged factors: the server's delta appended to those held in the context
+    state (fedlora.downlink), which then hold the result. Raises MergedStateLost where this node lacks what the
+    delta extends. A message without the merged-factor keys passes through unchanged."""
+    if "merged-from" not in config:
+        return payload
+    held = from_record(context.state[MERGED_KEY]) if MERGED_KEY in context.state else {}
+    generation = {}
+    if MERGED_GENERATION_KEY in context.state:
+        record = context.state[MERGED_GENERATION_KEY]
+        generation = dict(zip(record["layers"], record["generation"], strict=True))
+    full, now, now_generation = apply_merged(payload, config, held, generation)
+    context.state[MERGED_KEY] = to_record(now)
+    context.state[MERGED_GENERATION_KEY] = ConfigRecord({"layers": list(now_generation),
+                                                         "generation": list(now_generation.values())})
+    return full
 
 
 def load_privacy_state(cfg: FedLoraConfig, context: Context, partition_id: int) -> dict | None:
@@ -92,6 +114,10 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg, agg, pid, n = setup(context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
+        try:
+            payload = with_merged(payload, msg.content["config"], context)
+        except MergedStateLost as e:  # never train on a wrong base: the server resends the cumulative factors
+            return Message(Error(code=MERGED_STATE_LOST, reason=str(e)), reply_to=msg)
         rank = cfg.adapter.rank_for(pid)
         if agg.heterogeneous_ranks and int(msg.content["config"].get("payload-rank", 0)) != rank:
             payload = agg.client_payload(payload, rank)  # the server sent the global state: cut it to our rank
@@ -112,6 +138,10 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         cfg, agg, pid, n = setup(context)
         _evaluation_split(cfg, context)
         payload = with_frozen(from_record(msg.content["arrays"]), agg, context)
+        try:
+            payload = with_merged(payload, msg.content["config"], context)
+        except MergedStateLost as e:
+            return Message(Error(code=MERGED_STATE_LOST, reason=str(e)), reply_to=msg)
         res = evaluate_client(cfg, payload, pid, n, agg)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

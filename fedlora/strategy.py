@@ -1,8 +1,9 @@
 """The Flower strategy: a thin adapter between Flower's Message API and a registered aggregator.
 
-Per round it sends each sampled node its method payload (frozen factors only once per node), decodes and
-validates the replies (a bad update is dropped with a logged reason; the round goes on with the rest),
-lets the aggregator compute the new global state, checkpoints it atomically, and counts bytes exactly.
+Per round it sends each sampled node its method payload (frozen factors only once per node; of stacked merged
+factors only what the node does not hold yet, fedlora.downlink), decodes and validates the replies (a bad update is
+dropped with a logged reason; the round goes on with the rest), lets the aggregator compute the new global state,
+checkpoints it atomically, and counts bytes exactly.
 
 Faults: a node that raises, does not reply within ``round-timeout`` or vanishes is logged by name in the
 round's ``failed`` list. A round with fewer valid updates than max(min-fit-clients, ceil(min-fit-fraction *
@@ -32,11 +33,13 @@ from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import save_checkpoint
 from fedlora.client import round_seed
 from fedlora.config import FedLoraConfig
+from fedlora.downlink import MergedDownlink, Version
 from fedlora.influence import bound_norms, bound_weights
 from fedlora.privacy import get_privacy_mode
 from fedlora.robust import robust_combine
 from fedlora.wire import (
     BUDGET_EXHAUSTED,
+    MERGED_STATE_LOST,
     InvalidUpdate,
     UpdateLimits,
     check_num_examples,
@@ -163,6 +166,11 @@ class LoRAStrategy(Strategy):
         self.failed_rounds = 0  # consecutive rounds below the minimum of valid updates
         self.history: list[dict] = []  # metrics.jsonl rows so far (checkpointed, restored on resume)
         self._sent: dict[int, list[tuple[Message, int]]] = {}  # train messages of a round and their node
+        self._sent_eval: dict[int, list[tuple[Message, int]]] = {}  # evaluate messages of a round and their node
+        # Stacked merged factors (FLoRA): what each node holds, so it is sent only what it lacks; the version each
+        # message of a round carried ((kind, round) -> node -> version) becomes the node's on a successful reply.
+        self.downlink = MergedDownlink() if aggregator.stacked else None
+        self._offered: dict[tuple[str, int], dict[int, Version]] = {}
         self.privacy = get_privacy_mode(cfg)  # its server-side hook privatises each round's updates
         self.first_claim: dict[int, int] = {}  # num-examples each node reported first (robust.pin-examples)
         self._before: OrderedDict[str, torch.Tensor] | None = None  # the state before this round's aggregation
@@ -175,7 +183,9 @@ class LoRAStrategy(Strategy):
     # -- checkpointed state ----------------------------------------------------------------------------
     def _restore(self, meta: dict) -> None:
         """Per-node knowledge, counters, history and DP noise state from a checkpoint's metadata. The
-        delivered set is not restored: frozen factors are simply sent again (clients re-cache them)."""
+        delivered set and what each node holds of the merged factors are not restored: a resumed run is a new Flower
+        run whose nodes start with an empty context state, so frozen factors and the cumulative merged factors are
+        sent to each node once again (clients re-cache them)."""
         self.exhausted = {int(n) for n in meta.get("exhausted", [])}
         self.node_rank = {int(n): int(r) for n, r in meta.get("node_rank", {}).items()}
         self.failed_rounds = int(meta.get("failed_rounds", 0))
@@ -238,11 +248,17 @@ class LoRAStrategy(Strategy):
 
     def _messages(self, nodes: Iterable[int], kind: str, server_round: int, stats: RoundStats) -> list[Message]:
         msgs = []
+        version = self.downlink.sync(self.state) if self.downlink else None
+        offered = self._offered[(kind, server_round)] = {}
         for nid in nodes:
             payload, rank = self._payload_for(nid, kind)
             config = ConfigRecord({"server-round": self._round(server_round), "method": self.agg.name,
                                    "has-frozen": bool(self.agg.frozen) and nid not in self.delivered,
                                    "payload-rank": rank})
+            if version is not None:
+                payload, merged = self.downlink.cut(nid, payload, version)
+                config.update(merged)
+                offered[nid] = version
             msg = Message(RecordDict({"arrays": to_record(payload), "config": config}), dst_node_id=nid,
                           message_type=kind)
             if kind == MessageType.TRAIN:
@@ -277,6 +293,7 @@ class LoRAStrategy(Strategy):
         stats = self.stats[server_round]
         rnd = self._round(server_round)
         sent = self._sent.pop(server_round, [])
+        offered = self._offered.pop((MessageType.TRAIN, server_round), {})
         # Replies are matched to the message they answer: an error the SuperLink makes for a vanished node
         # comes from the SuperLink, not from that node.
         node_of = {m.metadata.message_id: nid for m, nid in sent}
@@ -291,6 +308,8 @@ class LoRAStrategy(Strategy):
                 log.warning("round %d: node %d did not train: %s", rnd, node, reply.error.reason)
                 continue
             if reply.has_error():
+                if reply.error.code == MERGED_STATE_LOST and self.downlink is not None:
+                    self.downlink.forget(node)  # it holds none of what the delta extended: cumulative next time
                 self._fail(stats, node, f"client error (code {reply.error.code}): {reply.error.reason}")
                 continue
             try:
@@ -310,6 +329,8 @@ class LoRAStrategy(Strategy):
                 log.info("round %d: node %d has spent epsilon %.3f", rnd, node, r.epsilon)
             if self.agg.frozen:
                 self.delivered.add(node)
+            if self.downlink is not None and node in offered:
+                self.downlink.record(node, offered[node])
         for node in sorted({nid for _, nid in sent} - replied):
             self._fail(stats, node, f"no reply within round-timeout={self.cfg.run.round_timeout:g} s "
                                     "(node vanished, crashed or too slow)")
@@ -400,24 +421,33 @@ class LoRAStrategy(Strategy):
             return []
         stats = self.stats.setdefault(server_round, RoundStats(self._round(server_round)))
         nodes = self._sample(grid, self.cfg.run.fraction_evaluate, self._round(server_round) + 100_000)
-        return self._messages(nodes, MessageType.EVALUATE, server_round, stats)
+        msgs = self._messages(nodes, MessageType.EVALUATE, server_round, stats)
+        self._sent_eval[server_round] = list(zip(msgs, nodes, strict=True))
+        return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         stats = self.stats[server_round]
+        node_of = {m.metadata.message_id: nid for m, nid in self._sent_eval.pop(server_round, [])}
+        offered = self._offered.pop((MessageType.EVALUATE, server_round), {})
         rows = []
         for r in replies:
+            node = node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
             if r.has_error():
-                log.warning("round %d: evaluation failed on node %d: %s", self._round(server_round),
-                            r.metadata.src_node_id, r.error.reason)
+                if r.error.code == MERGED_STATE_LOST and self.downlink is not None:
+                    self.downlink.forget(node)
+                log.warning("round %d: evaluation failed on node %d: %s", self._round(server_round), node,
+                            r.error.reason)
                 continue
             try:
                 m = r.content["metrics"]
                 row = (float(m["loss"]), float(m["accuracy"]), check_num_examples(m["num-examples"], self.limits))
             except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidUpdate is a ValueError
                 log.warning("round %d: malformed evaluation reply of node %d ignored: %r", self._round(server_round),
-                            r.metadata.src_node_id, e)
+                            node, e)
                 continue
             rows.append(row)
+            if self.downlink is not None and node in offered:
+                self.downlink.record(node, offered[node])  # it evaluated on them: it holds them now
         n = sum(w for *_, w in rows)
         if not n:
             return None

@@ -23,6 +23,9 @@ from fedlora import naming
 
 BUDGET_EXHAUSTED = 4201  # Error.code of a train reply from a client that declines: its DP budget is spent
 NON_FINITE_LOSS = 4202  # Error.code of a train reply whose local loss became non-finite (no weights uploaded)
+# Error.code of a train or evaluate reply from a node that lacks the merged factors the server's delta extends
+# (its context state was lost, e.g. a SuperNode restart): it did not train; the server resends the cumulative factors.
+MERGED_STATE_LOST = 4203
 
 
 class InvalidUpdate(ValueError):

@@ -84,6 +84,9 @@ class Aggregator(ABC):
       frozen:     roles constant for the whole run: sent to a client once, then cached in its context state.
       fresh_each_round: clients start every round from a freshly initialised adapter of their own rank.
       heterogeneous_ranks: clients may use different ranks.
+      stacked:    the state's merged factors MA (m, d_in) and MB (d_out, m) only grow, by appended rows of MA and
+                  columns of MB, until a recompression: a node that holds them is sent only what was appended since
+                  (fedlora.downlink, docs/algorithms.md section 3).
       linear:     the new global state is a weighted mean of the uploads (plus constants), so clipping and
                   noising each upload privatises the aggregate (client-level DP) and a secure sum suffices.
       Options:    the method's own knobs, a dataclass whose fields become run-config keys ``method.<field>``
@@ -96,6 +99,7 @@ class Aggregator(ABC):
     frozen: ClassVar[tuple[str, ...]] = ()
     fresh_each_round: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
+    stacked: ClassVar[bool] = False
     linear: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 

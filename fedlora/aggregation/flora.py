@@ -26,6 +26,7 @@ class FLoRA(Aggregator):
     uploads = ("A", "B")
     fresh_each_round = True
     heterogeneous_ranks = True
+    stacked = True
 
     def init_state(self, init: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """Empty merged factors, (0, d_in) and (d_out, 0), per layer; extras kept as float32."""

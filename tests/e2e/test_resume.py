@@ -1,6 +1,7 @@
 """Checkpoint and resume through the real ServerApp/ClientApp (in-process grid): an interrupted run resumed
 with resume=true ends exactly where an uninterrupted one does, with the same metrics history, also when
-the newest checkpoint was torn mid-write; only the last keep-checkpoints files stay."""
+the newest checkpoint was torn mid-write; only the last keep-checkpoints files stay. FLoRA's resumed run sends
+each node the cumulative merged factors once (its nodes start with an empty context state), then deltas again."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import json
 import logging
 
 import pytest
+import torch
+from flwr.app import MessageType
 
-from fedlora.checkpoint import list_checkpoints, load_checkpoint
+from client.app import MERGED_KEY
+from fedlora import naming
+from fedlora.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, read_checkpoint
+from fedlora.wire import from_record, logical_bytes
 from tests.conftest import RANKS, run_local
 
 ROUNDS = 4
@@ -18,6 +24,8 @@ COMMON = {"fraction-train": 0.67, "train.local-steps": 2, "seed": 3}
 METHOD_OVERRIDES = {"fedit": {}, "flora": {"adapter.ranks": RANKS}, "fedsvd": {}}
 # Measured on the machine, not derived from the run: they differ between any two runs.
 TIMING = ("seconds", "aggregate_seconds", "client_usage", "peak_memory_mb", "tokens_per_second")
+# FLoRA's downlink after a resume: the cumulative merged factors once per node, where the straight run sent deltas.
+DOWNLINK = ("bytes_down", "wire_bytes_down")
 
 
 def _overrides(method: str, rounds: int, **extra) -> dict:
@@ -45,15 +53,16 @@ def _same_state(a: dict, b: dict) -> float:
     return max((float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()), default=0.0)
 
 
-def _rows_without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+def _rows_without_timing(rows: list[dict], drop: tuple[str, ...] = ()) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING + drop} for r in rows]
 
 
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
 def test_two_rounds_plus_resume_equal_four_rounds(method, straight, tmp_path):
     s_out, s_rows, (s_state, s_round, s_meta) = straight(method)
     grid_a, rows_a, _ = run_local(tmp_path, **_overrides(method, 2))
-    assert load_checkpoint(tmp_path)[1] == 2
+    state_2, last_a, _ = load_checkpoint(tmp_path)
+    assert last_a == 2
     grid_b, rows_b, _ = run_local(tmp_path, **_overrides(method, ROUNDS, resume=True))
 
     assert {int(m.content["config"]["server-round"]) for m in grid_b.sent} == {3, 4}  # only the new rounds
@@ -62,10 +71,47 @@ def test_two_rounds_plus_resume_equal_four_rounds(method, straight, tmp_path):
     assert _same_state(state, s_state) <= 1e-6
     # The whole history (metrics.jsonl and the checkpoint's copy) matches the uninterrupted run's.
     assert [r["round"] for r in rows_b] == list(range(ROUNDS + 1))
-    assert _rows_without_timing(rows_b) == _rows_without_timing(s_rows)
-    assert _rows_without_timing(meta["history"]) == _rows_without_timing(s_meta["history"])
+    drop = DOWNLINK if method == "flora" else ()
+    assert _rows_without_timing(rows_b, drop) == _rows_without_timing(s_rows, drop)
+    assert _rows_without_timing(meta["history"], drop) == _rows_without_timing(s_meta["history"], drop)
+    if method == "flora":
+        _cumulative_once_then_deltas(grid_b, rows_b, s_rows, state_2, tmp_path)
     assert meta["node_rank"] == s_meta["node_rank"] and meta["rng"] == s_meta["rng"]
     assert json.loads((tmp_path / "run.json").read_text())["resumed_from_round"] == 2
+
+
+def _cumulative_once_then_deltas(grid, rows, straight_rows, state_2, folder) -> None:
+    """Round 3 (the first after the resume) sends every node the cumulative factors of round 2; in round 4 a node
+    that trained in round 3 gets only round 3's stack, one that did not the cumulative factors; every node that
+    trained in round 4 holds the checkpointed state after round 3 bit for bit."""
+    def train(rnd: int):
+        return [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+                and int(m.content["config"]["server-round"]) == rnd]
+
+    def width(state) -> int:
+        (w,) = {t.shape[0] for k, t in state.items() if (s := naming.split(k)) and s[1] == "MA"}
+        return w
+
+    state_3 = read_checkpoint(checkpoint_path(folder, 3))[0]  # kept: keep-checkpoints=2
+    w2, w3 = width(state_2), width(state_3)
+    assert 0 < w2 < w3
+    for msg in train(3):
+        assert not any(msg.content["config"]["merged-from"])
+        assert {tuple(a.shape) for k, a in msg.content["arrays"].items() if naming.split(k)} == {(w2, 64), (64, w2)}
+    trained_3 = {m.metadata.dst_node_id for m in train(3)}
+    for msg in train(4):
+        start = w2 if msg.metadata.dst_node_id in trained_3 else 0
+        assert set(msg.content["config"]["merged-from"]) == {start}
+        assert {tuple(a.shape) for k, a in msg.content["arrays"].items() if naming.split(k)} == \
+            {(w3 - start, 64), (64, w3 - start)}
+        held = from_record(grid.contexts[msg.metadata.dst_node_id].state[MERGED_KEY])
+        merged = [k for k in state_3 if (s := naming.split(k)) and s[1] in ("MA", "MB")]
+        assert set(held) == set(merged) and all(torch.equal(held[k], state_3[k]) for k in merged)
+    assert {m.metadata.dst_node_id for m in train(4)} & trained_3, "no node gets a delta after the resume"
+    for rnd in (3, 4):
+        assert rows[rnd]["bytes_down"] == sum(logical_bytes(from_record(m.content["arrays"])) for m in train(rnd))
+    # The straight run had already delivered round 2's factors to a node of round 3: it sent fewer bytes.
+    assert rows[3]["bytes_down"] > straight_rows[3]["bytes_down"]
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_round(straight, tmp_path, caplog):

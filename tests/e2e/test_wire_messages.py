@@ -30,7 +30,7 @@ EXPECTED: dict[str, tuple[set[str], set[str], set[str]]] = {
     "ffa": ({"A", "B"}, {"B"}, {"B"}),
     "fedsvd": ({"A", "B"}, {"A", "B"}, {"B"}),  # A changes every round (re-factorised), only B is trained
     "fed_sb": ({"A", "B", "R"}, {"R"}, {"R"}),
-    "flora": ({"MA", "MB"}, {"MA", "MB"}, {"A", "B"}),  # fresh A, B each round; the merged update goes down
+    "flora": ({"MA", "MB"}, {"MA", "MB"}, {"A", "B"}),  # fresh A, B each round; the merged update's new columns go down
     "lora_fair": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
     "flexlora": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
     "hetlora": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
@@ -103,7 +103,11 @@ def test_round_messages_carry_only_what_the_method_needs(method, tmp_path):
             payload_rank = int(msg.content["config"]["payload-rank"])
             assert payload_rank == (node_rank[nid] if hetero and rnd > 1 else 0), where
             sent_rank = payload_rank or RANK
-            check_tensors(shapes(msg), down1 if rnd == 1 else down2, sent_rank, (rnd - 1) * stacked, where + " down")
+            # FLoRA sends only the merged columns a node lacks: every node evaluated the previous round's factors,
+            # so its train message carries none (the head only); round 1's are empty anyway.
+            check_tensors(shapes(msg), down1 if rnd == 1 else down2, sent_rank, 0, where + " down")
+            if method == "flora":
+                assert list(msg.content["config"]["merged-from"]) == [(rnd - 1) * stacked] * len(LAYERS), where
             check_tensors(shapes(reply), up, node_rank[nid], 0, where + " up")
             assert set(reply.content.keys()) == {"arrays", "metrics"}, where
             counts["bytes_down"] += payload_bytes(msg)
@@ -113,8 +117,11 @@ def test_round_messages_carry_only_what_the_method_needs(method, tmp_path):
         else:
             assert kind == MessageType.EVALUATE, where
             # Evaluation: the global adapter down (no frozen factor a node already holds), metrics only up.
+            # FLoRA: the columns stacked in this round only, appended to those the node held since its train message.
             eval_roles = {"MA", "MB"} if method == "flora" else down2
-            check_tensors(shapes(msg), eval_roles, RANK, rnd * stacked, where + " down")
+            check_tensors(shapes(msg), eval_roles, RANK, stacked, where + " down")
+            if method == "flora":
+                assert list(msg.content["config"]["merged-from"]) == [(rnd - 1) * stacked] * len(LAYERS), where
             assert set(reply.content.keys()) == {"metrics"}, f"{where}: evaluation sent back {list(reply.content)}"
             counts["eval_bytes_down"] += payload_bytes(msg)
 
