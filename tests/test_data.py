@@ -193,6 +193,32 @@ def test_dirichlet_small_alpha_is_skewed_and_respects_min_size(austen_train):
     assert min(map(len, skewed)) >= 100
 
 
+@pytest.mark.parametrize(("n", "k", "seed"), [(100, 7, 0), (11381, 1000, 42), (50, 50, 3), (1000, 3, 1), (9, 4, 5)])
+def test_iid_partitions_equal_flwr_datasets_iid_partitioner(n, k, seed):
+    """The numpy path (cost independent of k) cuts the very shards flwr-datasets' IidPartitioner cuts."""
+    from fedlora.data.partition import flwr_iid
+
+    assert partition(list(range(n)), k, "iid", seed=seed) == flwr_iid(n, k, seed)
+
+
+def test_dirichlet_reads_the_draw_once_and_equals_selecting_each_partition(austen_train):
+    """The assignment read from the one draw equals flwr-datasets' public path (one Dataset select per
+    partition), which took seconds per thousand partitions."""
+    import warnings
+
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    fast = partition(austen_train.labels, 40, "dirichlet", alpha=0.5, seed=7, min_partition_size=5)
+    n = len(austen_train.labels)
+    public = DirichletPartitioner(num_partitions=40, partition_by="label", alpha=0.5, min_partition_size=5,
+                                  shuffle=False, seed=7)
+    public.dataset = datasets.Dataset.from_dict({"label": list(austen_train.labels), "index": list(range(n))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = [sorted(public.load_partition(i)["index"]) for i in range(40)]
+    assert fast == slow
+
+
 def test_dirichlet_unreachable_min_size_says_what_to_change():
     labels = [i % 2 for i in range(200)]
     with pytest.raises(ValueError, match=r"data.dirichlet-alpha=0.01.*raise data.dirichlet-alpha towards 1.0"):
