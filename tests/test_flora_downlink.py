@@ -23,7 +23,7 @@ from fedlora.aggregation import AggregatorConfig, get_aggregator
 from fedlora.checkpoint import checkpoint_path, read_checkpoint
 from fedlora.config import FedLoraConfig
 from fedlora.downlink import MergedDownlink, MergedStateLost, apply_merged
-from fedlora.wire import MERGED_STATE_LOST, from_record, logical_bytes
+from fedlora.wire import MERGED_STATE_LOST, from_record, logical_bytes, record_shapes
 from tests.conftest import FAST, run_local
 from tests.lowrank_cases import ALPHA, F64, HEAD, SHAPES, ideal_update, random_updates
 
@@ -253,7 +253,7 @@ def _round_ideal(grid, rnd: int, alpha: float) -> dict[str, torch.Tensor]:
 
 
 def _merged_widths(msg: Message) -> dict[str, int]:
-    return {naming.split(k)[0]: tuple(a.shape)[0] for k, a in msg.content["arrays"].items()
+    return {naming.split(k)[0]: a[0] for k, a in record_shapes(msg.content["arrays"]).items()
             if naming.split(k) and naming.split(k)[1] == MA}
 
 
@@ -355,9 +355,9 @@ def test_each_node_is_sent_exactly_the_columns_it_lacks(run_b):
             start = holds.get(node, 0)
             assert list(cfg["merged-from"]) == [start] * len(layers), (rnd, node)
             assert list(cfg["merged-layers"]) == layers and list(cfg["merged-generation"]) == [0] * len(layers)
-            for k, a in msg.content["arrays"].items():
+            for k, a in record_shapes(msg.content["arrays"]).items():
                 if (s := naming.split(k)) is not None:
-                    assert tuple(a.shape) == {"MA": (width[rnd - 1] - start, HIDDEN),
+                    assert a == {"MA": (width[rnd - 1] - start, HIDDEN),
                                               "MB": (HIDDEN, width[rnd - 1] - start)}[s[1]], (rnd, node, k)
             assert logical_bytes(from_record(msg.content["arrays"])) == \
                 HEAD_BYTES + 4 * 2 * HIDDEN * len(layers) * (width[rnd - 1] - start)

@@ -255,3 +255,40 @@ def test_noise_for_budget_rejects_unreachable_and_bad_inputs():
         noise_for_budget(0.0, 1e-5, 0.5, 1000, "rdp")
     with pytest.raises(ValueError, match="privacy.accountant"):
         noise_for_budget(1.0, 1e-5, 0.5, 1000, "gdp")
+
+
+@pytest.mark.parametrize("mode", ["lora", "sb"])
+def test_micro_batches_give_the_logical_batchs_dp_step_and_hold_fewer_per_example_gradients(mode, monkeypatch):
+    """train.micro-batch-size under DP-SGD: the same Poisson batches, per-example clipping and one noise draw per
+    logical step as the un-split batch (trained tensors equal to float rounding, the same accountant history),
+    while opacus never holds per-example gradients of more than the micro-batch."""
+    from dataclasses import replace
+
+    from opacus.optimizers import DPOptimizer
+
+    enc, labels = tiny_data(40, seed=3)
+    held: list[int] = []
+    real = DPOptimizer.clip_and_accumulate
+
+    def recording(self):
+        held.append(max(g.shape[0] for g in self.grad_samples))
+        return real(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording)
+    train = replace(TRAIN, batch_size=16, local_steps=5)
+    runs = {}
+    for micro in (0, 5):
+        model = tiny_model(mode)
+        acc = ClientAccountant("rdp")
+        held.clear()
+        losses, correct, seen = train_local_dp(model, enc, labels, replace(train, micro_batch_size=micro), clip=0.5,
+                                               noise_multiplier=0.7, accountant=acc, seed=11)
+        runs[micro] = (losses, correct, seen, acc.history, list(held),
+                       {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    (l0, c0, s0, h0, held0, p0), (l5, c5, s5, h5, held5, p5) = runs[0], runs[5]
+    assert h0 == h5 == [(0.7, 16 / 40, 5)] and (c0, s0) == (c5, s5)
+    assert torch.allclose(torch.tensor(l0), torch.tensor(l5), rtol=1e-5, atol=1e-6)
+    for name in p0:
+        assert torch.allclose(p0[name], p5[name], rtol=1e-4, atol=1e-6), name
+    assert max(held0) > 5 and max(held5) <= 5  # whole Poisson batches (about 16) vs chunks of at most 5
+    assert len(held5) > len(held0)  # several clip-and-accumulate passes per logical step

@@ -20,7 +20,7 @@ from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.server import RunFailed, initial_state
 from fedlora.strategy import LoRAStrategy
-from fedlora.wire import from_record, logical_bytes, to_record
+from fedlora.wire import from_record, logical_bytes, record_shapes, to_record
 from tests.conftest import FAST, HETEROGENEOUS, METHODS, RANKS, run_local
 
 NODES = 3
@@ -85,11 +85,11 @@ def test_only_adapter_and_head_tensors_cross_the_wire(method, method_runs):
         return naming.split(k) is not None or k.startswith("classifier.")
 
     for m in sent:
-        keys = list(m.content["arrays"].keys())
+        keys = list(record_shapes(m.content["arrays"]))
         assert keys and all(allowed(k) for k in keys), f"{method}: non-adapter tensor sent down: {keys}"
     for r in grid.replies:
         assert not r.has_error()
-        keys = list(r.content["arrays"].keys())
+        keys = list(record_shapes(r.content["arrays"]))
         assert all(allowed(k) for k in keys), f"{method}: non-adapter tensor sent up: {keys}"
         # Only the roles the method uploads (fed_sb: R; ffa/fedsvd: B) plus the head, for every layer.
         assert _roles(keys) == set(agg.uploads)
@@ -112,15 +112,15 @@ def test_frozen_factors_are_sent_once_per_node(method, method_runs):
     else:  # fedsvd re-derives A every round; fedit trains both: nothing is frozen, everything is resent
         assert agg.frozen == ()
     for m in r1:
-        keys = list(m.content["arrays"].keys())
+        keys = list(record_shapes(m.content["arrays"]))
         assert _roles(keys) >= set(agg.frozen)
         assert bool(m.content["config"]["has-frozen"]) == bool(agg.frozen)
     for m in r2:
-        keys = list(m.content["arrays"].keys())
+        keys = list(record_shapes(m.content["arrays"]))
         assert not _frozen_keys(keys, agg.frozen), f"{method}: frozen factors resent in round 2"
         assert m.content["config"]["has-frozen"] is False
         if not agg.frozen:
-            assert set(keys) == set(r1[0].content["arrays"].keys())
+            assert set(keys) == set(record_shapes(r1[0].content["arrays"]))
     # Round 2 still trained on every node: the clients used their cached factors.
     assert rows[2]["round"] == 2 and rows[2]["clients_aggregated"] == NODES and not rows[2]["rejected"]
     assert all(not r.has_error() for r in _replies_to(grid, r2))
@@ -373,7 +373,7 @@ def test_sampling_is_seeded(tmp_path):
     # Frozen factors go to each node the first time it is sampled, whenever that is, and never again.
     seen: set[int] = set()
     for m in sorted(_train_msgs(grid_a), key=lambda m: int(m.content["config"]["server-round"])):
-        nid, keys = m.metadata.dst_node_id, list(m.content["arrays"].keys())
+        nid, keys = m.metadata.dst_node_id, list(record_shapes(m.content["arrays"]))
         first = nid not in seen
         assert bool(_frozen_keys(keys, ("A", "B"))) == first, (nid, m.content["config"]["server-round"])
         assert m.content["config"]["has-frozen"] is first
@@ -423,6 +423,6 @@ def test_node_that_lost_its_frozen_factors_gets_them_again(tmp_path):
     assert rows[2]["clients_aggregated"] == NODES - 1
     assert "frozen factors" in rows[2]["failed"][0] and f"node {BAD_NODE}" in rows[2]["failed"][0]
     # ... and round 3 resends them to that node only, so it trains again.
-    r3 = {m.metadata.dst_node_id: list(m.content["arrays"].keys()) for m in _train_msgs(grid, 3)}
+    r3 = {m.metadata.dst_node_id: list(record_shapes(m.content["arrays"])) for m in _train_msgs(grid, 3)}
     assert [n for n, keys in r3.items() if _frozen_keys(keys, ("A", "B"))] == [BAD_NODE]
     assert rows[3]["clients_aggregated"] == NODES and not rows[3]["rejected"] and not rows[3]["failed"]

@@ -111,3 +111,80 @@ def test_validate_max_abs_is_a_parameter() -> None:
     validate_update(update, _expected())
     with pytest.raises(InvalidUpdate, match=re.escape(A)):
         validate_update(update, _expected(), max_abs=10.0)
+
+
+# -- the packed format: one float32 array and a manifest per message ------------------------------------------------
+def _expected() -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _tensors().items()}
+
+
+def _forged(entries: list, values: torch.Tensor | None = None, manifest_bytes: bytes | None = None) -> ArrayRecord:
+    """A packed record with an arbitrary manifest (what a malicious client can send)."""
+    import json
+    import zlib
+    from collections import OrderedDict
+
+    import numpy as np
+    from flwr.app import Array
+
+    from fedlora.wire import MANIFEST, PACKED
+
+    try:
+        total = sum(int(np.prod(shape)) for _, shape in entries)
+    except (TypeError, ValueError):
+        total = 4  # a malformed manifest: any payload
+    flat = values if values is not None else torch.randn(max(total, 0))
+    raw = manifest_bytes if manifest_bytes is not None else zlib.compress(json.dumps(entries).encode())
+    return ArrayRecord(OrderedDict([(PACKED, Array(flat.numpy())),
+                                    (MANIFEST, Array(np.frombuffer(raw, dtype=np.uint8)))]))
+
+
+def test_a_message_travels_as_one_packed_array_and_a_small_manifest() -> None:
+    from fedlora.wire import MANIFEST, PACKED, record_logical_bytes, record_shapes
+
+    src = _tensors()
+    record = to_record(src)
+    assert list(record.keys()) == [PACKED, MANIFEST]
+    assert record[PACKED].dtype == "float32" and record[PACKED].shape == (sum(t.numel() for t in src.values()),)
+    assert len(record[MANIFEST].data) < 400  # names and shapes, compressed
+    assert record_logical_bytes(record) == logical_bytes(src)  # the manifest is not payload
+    assert dict(record_shapes(record)) == {k: tuple(v.shape) for k, v in src.items()}
+    assert len(to_record({})) == 0
+
+
+def test_packed_uploads_are_validated_on_the_manifest_before_unpacking() -> None:
+    from fedlora.wire import decode_update
+
+    good = [[k, list(s)] for k, s in _expected().items()]
+    assert list(decode_update(to_record(_tensors()), _expected())) == list(_tensors())
+    bad = {
+        "base weight": ([*good, ["bert.embeddings.word_embeddings.weight", [4, 32]]], "base-model weights"),
+        "missing": (good[1:], "missing tensors"),
+        "shape": ([[good[0][0], [32, 5]], *good[1:]], r"has shape \(32, 5\), expected \(32, 4\)"),
+        "twice": ([*good, good[0]], "names a tensor twice"),
+        "not pairs": ([["x"]], r"\[name, \[dims >= 0\]\] pairs"),
+        "negative dim": ([[good[0][0], [-1, 4]], *good[1:]], r"\[name, \[dims >= 0\]\] pairs"),
+    }
+    for why, (entries, match) in bad.items():
+        with pytest.raises(InvalidUpdate, match=match):
+            decode_update(_forged(entries), _expected())
+            pytest.fail(f"accepted a forged manifest ({why})")
+    n = sum(torch.Size(s).numel() for s in _expected().values())
+    with pytest.raises(InvalidUpdate, match=r"must be float32 of shape"):  # length differs from the manifest's
+        decode_update(_forged(good, values=torch.randn(n + 1)), _expected())
+    with pytest.raises(InvalidUpdate, match=r"must be float32 of shape"):
+        decode_update(_forged(good, values=torch.randn(n).double()), _expected())
+    with pytest.raises(InvalidUpdate, match="cannot be read"):
+        decode_update(_forged(good, manifest_bytes=b"not zlib"), _expected())
+    import zlib
+
+    with pytest.raises(InvalidUpdate, match="decompresses to more than"):  # a zip bomb stops at the cap
+        decode_update(_forged(good, manifest_bytes=zlib.compress(b" " * (9 << 20))), _expected())
+    poisoned = torch.cat([t.reshape(-1) for t in _tensors().values()])
+    poisoned[3] = float("nan")
+    with pytest.raises(InvalidUpdate, match="NaN or Inf"):
+        decode_update(_forged(good, values=poisoned), _expected())
+    extra = to_record(_tensors())
+    extra["smuggled"] = extra["fedlora.packed"]
+    with pytest.raises(InvalidUpdate, match="holds exactly"):
+        decode_update(extra, _expected())

@@ -30,7 +30,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedlora.accel import autocast, count_batch, model_device, rng_devices
+from fedlora.accel import autocast, count_batch, micro_batches, model_device, rng_devices
 from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
 from fedlora.tasks.classification import classification_loss
@@ -155,6 +155,12 @@ def train_local_dp(
     included. Same seed, same model and data -> identical result (Poisson sampling, noise and dropout are
     seeded; the caller's global RNG state is left as it was). ``train.precision='bf16'`` autocasts the forward
     pass on CUDA; opacus then clips per-example gradients computed from bf16 activations, accumulated in fp32.
+
+    ``train.micro-batch-size`` m: each Poisson batch is processed in chunks of at most m examples, as opacus'
+    BatchMemoryManager does: a chunk's per-example gradients are clipped into the running sum and freed (a
+    skipped optimizer step), and only the last chunk adds the one noise draw, divides by the expected batch size,
+    steps AdamW and counts the step in the accountant. Per-example gradients of at most m examples are held at
+    once, and the result equals the un-split batch's (same sampling, clipping and noise; tests/test_privacy_dpsgd.py).
     """
     n = len(labels)
     steps, batch_size = train.local_steps, train.batch_size
@@ -174,14 +180,22 @@ def train_local_dp(
                     if len(idx) == 0:
                         _noise_only_step(dp_opt)
                     else:
-                        count_batch(enc, idx)
-                        with autocast(device, train.precision):
-                            loss, c, k = loss_fn(model, enc, labels, idx)
-                        check_finite(loss, done)
-                        loss.backward()
-                        dp_opt.step()
-                        losses.append(loss.item())
-                        correct, seen = correct + c, seen + k
+                        chunks = micro_batches(idx, train.micro_batch_size)
+                        total = 0.0
+                        for j, chunk in enumerate(chunks):
+                            count_batch(enc, chunk)
+                            with autocast(device, train.precision):
+                                loss, c, k = loss_fn(model, enc, labels, chunk)
+                            check_finite(loss, done)
+                            loss.backward()
+                            total += loss.item() * (len(chunk) / len(idx)) if len(chunks) > 1 else loss.item()
+                            correct, seen = correct + c, seen + k
+                            if j < len(chunks) - 1:  # clip this chunk's per-example gradients into the sum, free them
+                                dp_opt.signal_skip_step(do_skip=True)
+                                dp_opt.step()
+                                dp_opt.zero_grad(set_to_none=True)
+                        dp_opt.step()  # the last chunk: clip, then one noise draw for the whole batch, then AdamW
+                        losses.append(total)
                     done += 1
                     if done == steps:
                         break

@@ -49,9 +49,6 @@ class SampleLevelDP(PrivacyMode):
              "cannot be true with privacy.mode='sample' (opacus' per-sample hooks would see every forward twice); "
              "set it to false"),
             (not cfg.privacy.adaptive_clip, "privacy.adaptive-clip", "applies to privacy.mode='client' only"),
-            (cfg.train.micro_batch_size == 0, "train.micro-batch-size",
-             "is not supported with privacy.mode='sample' yet (opacus holds the per-example gradients of one whole "
-             "Poisson batch); set train.micro-batch-size=0 and a smaller train.batch-size"),
         ])
 
     def noise_multiplier(self, num_examples: int) -> float:

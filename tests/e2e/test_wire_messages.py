@@ -15,6 +15,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedlora import naming
 from fedlora.aggregation import get_aggregator
+from fedlora.wire import MANIFEST, record_shapes
 from tests.conftest import HETEROGENEOUS, RANKS, run_local
 
 NODES = 3
@@ -46,18 +47,21 @@ def payload_bytes(msg: Message) -> int:
     """Float32 tensor bytes of the message's arrays, numel * 4 (and every array must be float32)."""
     if "arrays" not in msg.content:
         return 0
+    record = msg.content["arrays"]
+    for name, arr in record.items():
+        if name != MANIFEST:
+            assert arr.dtype == "float32", f"{name} travels as {arr.dtype}"
     total = 0
-    for name, arr in msg.content["arrays"].items():
-        assert arr.dtype == "float32", f"{name} travels as {arr.dtype}"
+    for shape in record_shapes(record).values():
         numel = 1
-        for d in arr.shape:
+        for d in shape:
             numel *= d
         total += 4 * numel
     return total
 
 
 def shapes(msg: Message) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(a.shape) for k, a in msg.content["arrays"].items()}
+    return dict(record_shapes(msg.content["arrays"]))
 
 
 def check_tensors(got: dict[str, tuple[int, ...]], roles: set[str], rank: int, merged: int, where: str) -> None:
