@@ -121,55 +121,67 @@ def stacked_gram_trace(
 ) -> GramTrace:
     """``||left^T right||_F^2`` for row stacks left (m, d_out), right (m, d_in), by upper-triangular Gram tiles.
 
-    ``sum_ij (left left^T)_ij (right right^T)_ij`` with both (m, m) Grams built tile by tile: the diagonal
-    tiles (rows i0:i1 against themselves) and, once, the tiles right of them (counted twice by symmetry),
-    about half the multiply-adds of two full Gram GEMMs and never more than (tile, m) of each Gram at once.
-    The GEMMs run in the inputs' dtype; every tile's products are summed in float64. Rows come in ``group``s
-    of consecutive rows (one client's rank-r factors); tiles are cut at group boundaries so that ``within``
-    (pairs inside a group) is read off the diagonal tiles.
+    ``sum_ij (left left^T)_ij (right right^T)_ij``, both (m, m) Grams built one block of ``tile`` rows at a time:
+    rows i0:i1 against rows i0:m, the diagonal block counted once and the part right of it twice (symmetry), about
+    half the multiply-adds of two full Gram GEMMs and never more than (tile, m) of each Gram at once. The GEMMs run
+    in the inputs' dtype, every block's products are summed in float64. Rows come in ``group``s of consecutive rows
+    (one client's rank-r factors); blocks are cut at group boundaries, so ``within`` (pairs inside a group) is read
+    off the diagonal blocks.
 
-    ``fast``: the off-diagonal tiles (pairs of rows in different tiles, hence different groups) use bfloat16
-    GEMMs (several times float32's speed on CPUs with AVX512-BF16 or AMX, and on GPUs); the diagonal tiles
-    stay in the inputs' dtype. The diagonal tiles are then also computed in bfloat16, and their error on
-    pairs from different groups (the same kind of pairs as the off-diagonal tiles) is extrapolated to the
-    off-diagonal tiles: ``deviation`` = |sampled error sum| x (off pairs / sampled pairs) + 2 standard
-    deviations of the sum of independent per-pair errors with the sampled spread. An estimate, not a bound.
+    ``fast`` (m a multiple of ``group``): the blocks' GEMMs in bfloat16 (several times float32's speed on CPUs with
+    AVX512-BF16 or AMX, and on GPUs), except two kinds of (group, group) tiles, computed in the inputs' dtype by
+    batched products: each group against itself (the large same-row products; ``within`` stays exact) and groups
+    2j against 2j + 1, pairs of different groups like all the bfloat16 ones, on which the bfloat16 error is
+    measured. ``deviation`` extrapolates it to the other bfloat16 pairs: |sampled error sum| x (pairs / sampled
+    pairs) + 2 standard deviations of a sum of independent per-pair errors with the sampled spread. An estimate, not
+    a bound (the tests check it covers the actual error). Stacks of fewer than two blocks (m < 2 tile) stay in the
+    inputs' dtype: they are cheap, and their sample would be small.
     """
     m = left.shape[0]
     if right.shape[0] != m or left.dim() != 2 or right.dim() != 2:
         raise ValueError(f"stacked_gram_trace needs (m, d) stacks; got {tuple(left.shape)} and {tuple(right.shape)}")
-    tile = max(2 * group if fast else group, tile // group * group)  # fast: a tile must hold pairs to sample
     f64 = torch.float64
-    same = torch.block_diag(*[torch.ones(group, group, dtype=left.dtype)] * (tile // group))  # same group
-    fast = fast and m > tile
-    if fast:
-        left_h, right_h = left.to(torch.bfloat16), right.to(torch.bfloat16)
-    total = within = err_sum = err_sq = 0.0
-    sampled = offdiag = 0
+    unit = 2 * group if fast else group  # fast: blocks hold whole pairs of groups
+    tile = max(unit, tile // unit * unit)
+    fast = fast and m >= 2 * tile and m % group == 0
+    total = within = 0.0
+    if not fast:
+        same = torch.block_diag(*[torch.ones(group, group, dtype=left.dtype)] * (tile // group))  # same group: 1
+        for i0 in range(0, m, tile):
+            i1 = min(i0 + tile, m)
+            n = i1 - i0
+            prod = (left[i0:i1] @ left[i0:].T).mul_(right[i0:i1] @ right[i0:].T)
+            total += float(prod[:, :n].sum(dtype=f64)) + 2 * float(prod[:, n:].sum(dtype=f64))
+            within += float((prod[:, :n] * same[:n, :n]).sum(dtype=f64))
+        return GramTrace(total, within, 0.0)
+    # Exact (group, group) tiles: every group with itself, and groups 2j with 2j + 1 (the sample).
+    l3, r3 = left.view(m // group, group, -1), right.view(m // group, group, -1)
+    own = torch.bmm(l3, l3.transpose(1, 2)).mul_(torch.bmm(r3, r3.transpose(1, 2)))
+    pairs = (m // group) // 2
+    le, lo, re, ro = l3[0:2 * pairs:2], l3[1:2 * pairs:2], r3[0:2 * pairs:2], r3[1:2 * pairs:2]
+    pair = torch.bmm(le, lo.transpose(1, 2)).mul_(torch.bmm(re, ro.transpose(1, 2)))
+    within = float(own.sum(dtype=f64))
+    total = within + 2 * float(pair.sum(dtype=f64))
+    left_h, right_h = left.to(torch.bfloat16), right.to(torch.bfloat16)
+    err_sum = err_sq = 0.0
+    sampled = approximated = 0
     for i0 in range(0, m, tile):
         i1 = min(i0 + tile, m)
         n = i1 - i0
-        prod = (left[i0:i1] @ left[i0:i1].T) * (right[i0:i1] @ right[i0:i1].T)
-        mask = same[:n, :n]
-        total += float(prod.sum(dtype=f64))
-        within += float((prod * mask).sum(dtype=f64))
-        if fast:
-            approx = (left_h[i0:i1] @ left_h[i0:i1].T).to(prod.dtype) * (right_h[i0:i1] @ right_h[i0:i1].T).to(
-                prod.dtype)
-            err = (approx - prod).mul_(1 - mask)
+        prod = (left_h[i0:i1] @ left_h[i0:].T).to(left.dtype).mul_(right_h[i0:i1] @ right_h[i0:].T)
+        rs, off = prod.stride(0), prod.storage_offset()
+        gn, pn, pi = n // group, n // (2 * group), i0 // (2 * group)
+        prod.as_strided((gn, group, group), (group * rs + group, rs, 1), off).zero_()  # own tiles: exact above
+        step = (2 * group * rs + 2 * group, rs, 1)
+        exact = pair[pi:pi + pn]
+        for tiles, ref in ((prod.as_strided((pn, group, group), step, off + group), exact),
+                           (prod.as_strided((pn, group, group), step, off + group * rs), exact.transpose(1, 2))):
+            err = tiles - ref
             err_sum += float(err.sum(dtype=f64))
             err_sq += float(err.square().sum(dtype=f64))
-            sampled += n * n - int(mask.sum())
-        if i1 == m:
-            continue
-        if fast:
-            off = (left_h[i0:i1] @ left_h[i1:].T).to(prod.dtype) * (right_h[i0:i1] @ right_h[i1:].T).to(prod.dtype)
-            offdiag += 2 * off.numel()
-        else:
-            off = (left[i0:i1] @ left[i1:].T) * (right[i0:i1] @ right[i1:].T)
-        total += 2 * float(off.sum(dtype=f64))
-    deviation = 0.0
-    if fast and sampled:
-        scale = offdiag / sampled
-        deviation = abs(err_sum) * scale + 2 * math.sqrt(2 * err_sq * scale)
-    return GramTrace(total, within, deviation)
+            tiles.zero_()  # sampled tiles: exact above
+        sampled += 2 * pn * group * group
+        total += float(prod[:, :n].sum(dtype=f64)) + 2 * float(prod[:, n:].sum(dtype=f64))
+        approximated += n * n - (gn + 2 * pn) * group * group + 2 * prod[:, n:].numel()
+    scale = approximated / sampled
+    return GramTrace(total, within, abs(err_sum) * scale + 2 * math.sqrt(2 * err_sq * scale))

@@ -37,7 +37,7 @@ _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 _NEGLIGIBLE = 1e-6  # ||dW|| below this fraction of sum p_k ||B_k|| ||A_k||: the clients cancel, dB = 0
 _CANCELLED = 1e-2  # ||dW||^2 below this fraction of its parts' sizes: float64 from the raw factors (centred_terms)
 _NORMS = ("float32", "float64", "bf16")
-_TILE = {"float32": 256, "float64": 256, "bf16": 64}  # Gram tile rows (stacked_gram_trace); bf16: float32 tiles
+_TILE = {"float32": 256, "float64": 256, "bf16": 256}  # rows per Gram block (stacked_gram_trace)
 
 
 @dataclass
@@ -230,9 +230,10 @@ def centred_terms(
     With E_k = B_k - B_bar, F_k = A_k - A_bar and the residues beta = sum p_k E_k, alpha = sum p_k F_k (~0: the
     rounding of the float32 means), exactly dW = M0 + D with M0 = U V, U = [B_bar, beta] (d_out, 2r),
     V = [s A_bar + alpha; A_bar] (2r, d_in), s = sum p_k, and D = sum p_k E_k F_k = Et^T Ft (Et rows: p_k E_k^T,
-    Ft rows: F_k; m = K r rows each). So ||dW||^2 = ||M0||^2 + 2 <M0, D> + ||D||^2 and P = M0 A_bar^T +
-    Et^T (Ft A_bar^T): ||M0||^2 from (2r, 2r) Grams in float64; <M0, D> = <Et U, Ft V^T> and Et^T (Ft A_bar^T) from
-    (m, 2r) products; ||D||^2 from the (m, m) Grams of Et and Ft, upper tiles only (:func:`stacked_gram_trace`).
+    Ft rows: F_k; m = K r rows each). So ||dW||^2 = ||M0||^2 + 2 <M0, D> + ||D||^2 and P = M0 A_bar^T + D A_bar^T:
+    ||M0||^2 from (2r, 2r) Grams in float64; <M0, D> = <U, D V^T> and D A_bar^T (the second half of D V^T) from
+    D V^T = Et^T (Ft V^T), two (m, 2r)-wide products; ||D||^2 from the (m, m) Grams of Et and Ft, upper tiles only
+    (:func:`stacked_gram_trace`).
 
     ``norm``: "float64" runs everything in float64. "float32" runs the O(drift) products (the stacks, the (m, 2r)
     products, the Gram GEMMs) in float32 and sums in float64: their errors are relative to the drift terms, so
@@ -249,7 +250,7 @@ def centred_terms(
     eb = torch.stack([b.detach() for b in b_s], dim=1, out=stacks.get("B", (d_out, k, r), work))
     fa = torch.stack([a.detach() for a in a_s], out=stacks.get("A", (k, r, d_in), work))
     p_w = torch.tensor(p, dtype=work)
-    norms = torch.linalg.vector_norm(eb, dim=(0, 2)) * torch.linalg.vector_norm(fa, dim=(1, 2))
+    norms = torch.stack(torch._foreach_norm(list(b_s))) * torch.stack(torch._foreach_norm(list(a_s)))
     bound = float((norms.to(f64) * torch.tensor(p, dtype=f64)).sum())
     eb.sub_(b_bar_w.unsqueeze(1)).mul_(p_w.view(1, k, 1))
     fa.sub_(a_bar_w)
@@ -260,9 +261,9 @@ def centred_terms(
     u = torch.cat([b_bar_w.to(f64), beta], dim=1)
     v = torch.cat([sum(p) * a_bar64 + alpha, a_bar64], dim=0)
     m0m0 = float(((u.T @ u) * (v @ v.T)).sum())
-    fv = ft @ v.to(work).T  # (m, 2r); its second half is F_k A_bar^T
-    m0d = float((e.T @ u.to(work)).mul_(fv).sum(dtype=f64))
-    p_mat = u @ (v @ a_bar64.T) + (e @ fv[:, r:]).to(f64)
+    dv = (e @ (ft @ v.to(work).T)).to(f64)  # D V^T = Et^T (Ft V^T), (d_out, 2r); its second half is D A_bar^T
+    m0d = float((u * dv).sum())  # <M0, D> = <U V, D> = <U, D V^T>
+    p_mat = u @ (v @ a_bar64.T) + dv[:, r:]
     dd = stacked_gram_trace(e.T, ft, group=r, fast=norm == "bf16", tile=_TILE[norm])
     ww = m0m0 + 2 * m0d + dd.value
     return Terms(p_mat, ww, m0m0 + 2 * abs(m0d) + dd.within, bound, dd.deviation)
