@@ -37,6 +37,7 @@ _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
 _NEGLIGIBLE = 1e-6  # ||dW|| below this fraction of sum p_k ||B_k|| ||A_k||: the clients cancel, dB = 0
 _CANCELLED = 1e-2  # ||dW||^2 below this fraction of its parts' sizes: float64 from the raw factors (centred_terms)
 _NORMS = ("float32", "float64", "bf16")
+_ADAM_BATCH = 16  # layers whose Adam runs as one batch (each keeps its Q, d_out x 2r float64, until then)
 _TILE = {"float32": 256, "float64": 256, "bf16": 256}  # rows per Gram block (stacked_gram_trace)
 
 
@@ -82,8 +83,10 @@ class LoRAFAIR(Aggregator):
         p = self.weights(updates)
         out = self.average_extras(state, updates, p)
         stacks = Stacks()  # the layers' client stacks share buffers
-        layers, problems, deviations = [], [], {}
-        for layer in naming.layers_of(state):
+        pending: list[tuple[str, _Restricted]] = []
+        deviations: dict[str, float] = {}
+        layers = naming.layers_of(state)
+        for n, layer in enumerate(layers):
             ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
             a_s = [u.tensors[ka] for u in updates]
             b_s = [u.tensors[kb] for u in updates]
@@ -93,13 +96,14 @@ class LoRAFAIR(Aggregator):
             )
             out[ka] = a_bar
             out[kb] = b_bar
-            layers.append(layer)
-            problems.append(_restrict(objective))  # keeps only Q and the (2r, r) problem, not the (d_out, r) data
             deviations[layer] = objective.norm_deviation
+            pending.append((layer, _restrict(objective)))  # only Q and the (2r, r) problem, not the (d_out, r) data
+            if len(pending) == _ADAM_BATCH or n == len(layers) - 1:  # Adam for a batch of layers at once
+                for (name, _), db in zip(pending, _solve([pr for _, pr in pending], self.options), strict=True):
+                    kb = naming.key(name, "B")
+                    out[kb] = (out[kb].to(torch.float64) + db).to(torch.float32)
+                pending = []
         del stacks
-        for layer, db in zip(layers, _solve(problems, self.options), strict=True):  # all layers' Adam at once
-            kb = naming.key(layer, "B")
-            out[kb] = (out[kb].to(torch.float64) + db).to(torch.float32)
         worst = max(deviations.values(), default=0.0)
         self.norm_report = {"norm": self.options.fair_norm, "max_deviation": worst, "deviation": deviations}
         if self.options.fair_norm == "bf16":
