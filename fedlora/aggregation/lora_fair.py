@@ -49,9 +49,7 @@ class FairOptions:
     fair_steps: int = field(default=200, metadata={"help": "LoRA-FAIR: Adam steps of the residual solver"})
     fair_lr: float = field(default=1e-2, metadata={"help": "LoRA-FAIR Adam step, relative to RMS(B_bar)"})
     fair_norm: str = field(default="float32", metadata={
-        "help": "LoRA-FAIR: how ||sum p_k B_k A_k|| is computed: float32 (centred factors, float64 sums) | float64 "
-                "(reference, ~2x slower) | bf16 (approximation, ~2x faster on AVX512-BF16/AMX CPUs; its estimated "
-                "deviation is logged)"})
+        "help": "LoRA-FAIR ||dW||: float32 | float64 (reference) | bf16 (faster approximation, deviation logged)"})
 
     def validate(self) -> None:
         if self.fair_lambda < 0:
