@@ -108,6 +108,31 @@ def recompress(
     return (u * root).to(dtype), (root[:, None] * vh).to(dtype)
 
 
+def reusable(
+    buffers: dict[str, torch.Tensor] | None,
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    stride: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` (and ``stride``, default contiguous) in ``dtype``, kept in ``buffers`` (a
+    dict the caller holds across calls with the same shapes, e.g. the layers of one aggregation), fresh when
+    ``buffers`` is None. Large fresh tensors cost a page fault per 4 KiB on every call, about as much as one pass of
+    arithmetic over them."""
+    shape = tuple(shape)
+    t = None if buffers is None else buffers.get(key)
+    if t is None or t.shape != shape or t.dtype != dtype or (stride is not None and t.stride() != tuple(stride)):
+        t = torch.empty(shape, dtype=dtype) if stride is None else torch.empty_strided(shape, stride, dtype=dtype)
+        if buffers is not None:
+            buffers[key] = t
+    return t
+
+
+def _sum64(x: torch.Tensor) -> float:
+    """Sum in float64 (converting first: several times faster than ``x.sum(dtype=torch.float64)`` on CPU)."""
+    return float(x.to(torch.float64).sum())
+
+
 class GramTrace(NamedTuple):
     """What :func:`stacked_gram_trace` returns."""
 
@@ -117,7 +142,12 @@ class GramTrace(NamedTuple):
 
 
 def stacked_gram_trace(
-    left: torch.Tensor, right: torch.Tensor, group: int = 1, fast: bool = False, tile: int = 256
+    left: torch.Tensor,
+    right: torch.Tensor,
+    group: int = 1,
+    fast: bool = False,
+    tile: int = 256,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> GramTrace:
     """``||left^T right||_F^2`` for row stacks left (m, d_out), right (m, d_in), by upper-triangular Gram tiles.
 
@@ -135,12 +165,12 @@ def stacked_gram_trace(
     measured. ``deviation`` extrapolates it to the other bfloat16 pairs: |sampled error sum| x (pairs / sampled
     pairs) + 2 standard deviations of a sum of independent per-pair errors with the sampled spread. An estimate, not
     a bound (the tests check it covers the actual error). Stacks of fewer than two blocks (m < 2 tile) stay in the
-    inputs' dtype: they are cheap, and their sample would be small.
+    inputs' dtype: they are cheap, and their sample would be small. ``buffers``: see :func:`reusable` (the bfloat16
+    copies).
     """
     m = left.shape[0]
     if right.shape[0] != m or left.dim() != 2 or right.dim() != 2:
         raise ValueError(f"stacked_gram_trace needs (m, d) stacks; got {tuple(left.shape)} and {tuple(right.shape)}")
-    f64 = torch.float64
     unit = 2 * group if fast else group  # fast: blocks hold whole pairs of groups
     tile = max(unit, tile // unit * unit)
     fast = fast and m >= 2 * tile and m % group == 0
@@ -151,8 +181,8 @@ def stacked_gram_trace(
             i1 = min(i0 + tile, m)
             n = i1 - i0
             prod = (left[i0:i1] @ left[i0:].T).mul_(right[i0:i1] @ right[i0:].T)
-            total += float(prod[:, :n].sum(dtype=f64)) + 2 * float(prod[:, n:].sum(dtype=f64))
-            within += float((prod[:, :n] * same[:n, :n]).sum(dtype=f64))
+            total += _sum64(prod[:, :n]) + 2 * _sum64(prod[:, n:])
+            within += _sum64(prod[:, :n] * same[:n, :n])
         return GramTrace(total, within, 0.0)
     # Exact (group, group) tiles: every group with itself, and groups 2j with 2j + 1 (the sample).
     l3, r3 = left.view(m // group, group, -1), right.view(m // group, group, -1)
@@ -160,15 +190,16 @@ def stacked_gram_trace(
     pairs = (m // group) // 2
     le, lo, re, ro = l3[0:2 * pairs:2], l3[1:2 * pairs:2], r3[0:2 * pairs:2], r3[1:2 * pairs:2]
     pair = torch.bmm(le, lo.transpose(1, 2)).mul_(torch.bmm(re, ro.transpose(1, 2)))
-    within = float(own.sum(dtype=f64))
-    total = within + 2 * float(pair.sum(dtype=f64))
-    left_h, right_h = left.to(torch.bfloat16), right.to(torch.bfloat16)
+    within = _sum64(own)
+    total = within + 2 * _sum64(pair)
+    left_h = reusable(buffers, "left_bf16", left.shape, torch.bfloat16, left.stride()).copy_(left)
+    right_h = reusable(buffers, "right_bf16", right.shape, torch.bfloat16, right.stride()).copy_(right)
     err_sum = err_sq = 0.0
     sampled = approximated = 0
     for i0 in range(0, m, tile):
         i1 = min(i0 + tile, m)
         n = i1 - i0
-        prod = (left_h[i0:i1] @ left_h[i0:].T).to(left.dtype).mul_(right_h[i0:i1] @ right_h[i0:].T)
+        prod = (left_h[i0:i1] @ left_h[i0:].T).to(left.dtype).mul_((right_h[i0:i1] @ right_h[i0:].T).to(left.dtype))
         rs, off = prod.stride(0), prod.storage_offset()
         gn, pn, pi = n // group, n // (2 * group), i0 // (2 * group)
         prod.as_strided((gn, group, group), (group * rs + group, rs, 1), off).zero_()  # own tiles: exact above
@@ -177,11 +208,11 @@ def stacked_gram_trace(
         for tiles, ref in ((prod.as_strided((pn, group, group), step, off + group), exact),
                            (prod.as_strided((pn, group, group), step, off + group * rs), exact.transpose(1, 2))):
             err = tiles - ref
-            err_sum += float(err.sum(dtype=f64))
-            err_sq += float(err.square().sum(dtype=f64))
+            err_sum += _sum64(err)
+            err_sq += _sum64(err.square())
             tiles.zero_()  # sampled tiles: exact above
         sampled += 2 * pn * group * group
-        total += float(prod[:, :n].sum(dtype=f64)) + 2 * float(prod[:, n:].sum(dtype=f64))
+        total += _sum64(prod[:, :n]) + 2 * _sum64(prod[:, n:])
         approximated += n * n - (gn + 2 * pn) * group * group + 2 * prod[:, n:].numel()
     scale = approximated / sampled
     return GramTrace(total, within, abs(err_sum) * scale + 2 * math.sqrt(2 * err_sq * scale))

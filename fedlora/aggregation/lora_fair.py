@@ -27,7 +27,7 @@ import torch
 
 from fedlora import naming
 from fedlora.aggregation.base import Aggregator, ClientUpdate, register
-from fedlora.aggregation.linalg import stacked_gram_trace
+from fedlora.aggregation.linalg import reusable, stacked_gram_trace
 
 log = logging.getLogger("fedlora")
 
@@ -80,7 +80,7 @@ class LoRAFAIR(Aggregator):
     ) -> OrderedDict[str, torch.Tensor]:
         p = self.weights(updates)
         out = self.average_extras(state, updates, p)
-        stacks = Stacks()  # the layers' client stacks share buffers
+        buffers: dict[str, torch.Tensor] = {}  # the layers' client stacks share buffers (linalg.reusable)
         pending: list[tuple[str, _Restricted]] = []
         deviations: dict[str, float] = {}
         layers = naming.layers_of(state)
@@ -90,7 +90,7 @@ class LoRAFAIR(Aggregator):
             b_s = [u.tensors[kb] for u in updates]
             a_bar, b_bar = self.weighted_mean(a_s, p), self.weighted_mean(b_s, p)
             objective = FairObjective(
-                a_bar, b_bar, a_s, b_s, p, self.options.fair_lambda, norm=self.options.fair_norm, stacks=stacks
+                a_bar, b_bar, a_s, b_s, p, self.options.fair_lambda, norm=self.options.fair_norm, buffers=buffers
             )
             out[ka] = a_bar
             out[kb] = b_bar
@@ -101,7 +101,7 @@ class LoRAFAIR(Aggregator):
                     kb = naming.key(name, "B")
                     out[kb] = (out[kb].to(torch.float64) + db).to(torch.float32)
                 pending = []
-        del stacks
+        del buffers
         worst = max(deviations.values(), default=0.0)
         self.norm_report = {"norm": self.options.fair_norm, "max_deviation": worst, "deviation": deviations}
         if self.options.fair_norm == "bf16":
@@ -130,7 +130,7 @@ class FairObjective:
         p: Sequence[float],
         lam: float,
         norm: str = "float64",
-        stacks: Stacks | None = None,
+        buffers: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if norm not in _NORMS:
             raise ValueError(f"norm={norm!r} is not valid; use one of {', '.join(_NORMS)}")
@@ -139,7 +139,7 @@ class FairObjective:
         a_bar64 = a_bar.detach().to(f64)
         self.lam = lam
         self.c_mat = a_bar64 @ a_bar64.T
-        terms = centred_terms(a_bar, b_bar, a_s, b_s, p, norm, stacks)
+        terms = centred_terms(a_bar, b_bar, a_s, b_s, p, norm, buffers)
         if norm != "float64" and terms.ww < _CANCELLED * terms.scale:
             # The clients' updates cancel: the low-precision GEMMs' errors (relative to the parts) would be large
             # against the small ||dW||, so this layer takes the float64 path on the raw factors.
@@ -193,20 +193,6 @@ class FairObjective:
         return 1.0 - inner / denom + self.lam * db_norm
 
 
-class Stacks:
-    """Buffers for the (K, r, d) client stacks, reused across the layers of one aggregation: a fresh 26 MB tensor
-    per layer and role (100 clients, r = 16, d = 4096) costs page faults comparable to the arithmetic on it."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = self._buffers.get(name)
-        if t is None or t.shape != shape or t.dtype != dtype:
-            t = self._buffers[name] = torch.empty(shape, dtype=dtype)
-        return t
-
-
 class Terms(NamedTuple):
     """The objective's data terms: P (d_out, r) and ww = ||dW||_F^2 (float64), the size of ww's parts (for the
     cancellation check), the bound sum p_k ||B_k|| ||A_k|| and the estimated |error| of ww (bf16 only, else 0)."""
@@ -225,7 +211,7 @@ def centred_terms(
     b_s: Sequence[torch.Tensor],
     p: Sequence[float],
     norm: str = "float32",
-    stacks: Stacks | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Terms:
     """P and ||dW||^2 from the clients' factors centred on the means.
 
@@ -245,12 +231,12 @@ def centred_terms(
     """
     f64 = torch.float64
     work = f64 if norm == "float64" else torch.float32
-    stacks = stacks or Stacks()
     k, (r, d_in), d_out = len(a_s), a_bar.shape, b_bar.shape[0]
     a_bar_w, b_bar_w = a_bar.detach().to(work), b_bar.detach().to(work)
     # eb (d_out, K, r): column block k is B_k, so eb.view(d_out, K r) = [B_1, ..., B_K] and its transpose is Et.
-    eb = torch.stack([b.detach() for b in b_s], dim=1, out=stacks.get("B", (d_out, k, r), work))
-    fa = torch.stack([a.detach() for a in a_s], out=stacks.get("A", (k, r, d_in), work))
+    # Reused buffers (linalg.reusable): a fresh 26 MB stack per layer costs as much in page faults as the copy.
+    eb = torch.stack([b.detach() for b in b_s], dim=1, out=reusable(buffers, "B", (d_out, k, r), work))
+    fa = torch.stack([a.detach() for a in a_s], out=reusable(buffers, "A", (k, r, d_in), work))
     p_w = torch.tensor(p, dtype=work)
     norms = torch.stack(torch._foreach_norm(list(b_s))) * torch.stack(torch._foreach_norm(list(a_s)))
     bound = float((norms.to(f64) * torch.tensor(p, dtype=f64)).sum())
@@ -266,7 +252,7 @@ def centred_terms(
     dv = (e @ (ft @ v.to(work).T)).to(f64)  # D V^T = Et^T (Ft V^T), (d_out, 2r); its second half is D A_bar^T
     m0d = float((u * dv).sum())  # <M0, D> = <U V, D> = <U, D V^T>
     p_mat = u @ (v @ a_bar64.T) + dv[:, r:]
-    dd = stacked_gram_trace(e.T, ft, group=r, fast=norm == "bf16", tile=_TILE[norm])
+    dd = stacked_gram_trace(e.T, ft, group=r, fast=norm == "bf16", tile=_TILE[norm], buffers=buffers)
     ww = m0m0 + 2 * m0d + dd.value
     return Terms(p_mat, ww, m0m0 + 2 * abs(m0d) + dd.within, bound, dd.deviation)
 
