@@ -159,11 +159,11 @@ def stacked_gram_trace(
     off the diagonal blocks.
 
     ``fast`` (m a multiple of ``group``): the blocks' GEMMs in bfloat16 (several times float32's speed on CPUs with
-    AVX512-BF16 or AMX, and on GPUs), except two kinds of (group, group) tiles, computed in the inputs' dtype by
+    AVX512-BF16 or AMX; CPU tensors), except two kinds of (group, group) tiles, computed in the inputs' dtype by
     batched products: each group against itself (the large same-row products; ``within`` stays exact) and groups
     2j against 2j + 1, pairs of different groups like all the bfloat16 ones, on which the bfloat16 error is
     measured. ``deviation`` extrapolates it to the other bfloat16 pairs: |sampled error sum| x (pairs / sampled
-    pairs) + 2 standard deviations of a sum of independent per-pair errors with the sampled spread. An estimate, not
+    pairs) + 4 standard deviations of a sum of independent per-pair errors with the sampled spread. An estimate, not
     a bound (the tests check it covers the actual error). Stacks of fewer than two blocks (m < 2 tile) stay in the
     inputs' dtype: they are cheap, and their sample would be small. ``buffers``: see :func:`reusable` (the bfloat16
     copies).
@@ -215,4 +215,4 @@ def stacked_gram_trace(
         total += _sum64(prod[:, :n]) + 2 * _sum64(prod[:, n:])
         approximated += n * n - (gn + 2 * pn) * group * group + 2 * prod[:, n:].numel()
     scale = approximated / sampled
-    return GramTrace(total, within, abs(err_sum) * scale + 2 * math.sqrt(2 * err_sq * scale))
+    return GramTrace(total, within, abs(err_sum) * scale + 4 * math.sqrt(2 * err_sq * scale))
