@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import json
 import os
@@ -43,12 +44,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from fedlora import naming
-from fedlora.aggregation import AggregatorConfig, ClientUpdate, available, get_aggregator
+from fedlora.aggregation import AggregatorConfig, ClientUpdate, aggregator_class, available, get_aggregator
 from fedlora.influence import bound_norms, bound_weights
 from fedlora.robust import RobustConfig, robust_combine
 
@@ -89,11 +90,18 @@ class Cell:
     dense: bool
     layers: int = 0  # adapted layers; 0: the shape's
     rules: tuple[str, ...] = RULES  # robust section: the rules timed for linear methods
+    options: dict = field(default_factory=dict)  # --opt NAME=VALUE: method options (each method takes its own)
 
 
-def _status_kb(field: str) -> int:
+def _status_kb(name: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
+
+
+def method_options(method: str, options: dict[str, str]) -> dict:
+    """The --opt values that are fields of ``method``'s Options, converted to the fields' types."""
+    fields = {f.name: f for f in dataclasses.fields(aggregator_class(method).Options)}
+    return {k: type(fields[k].default)(v) for k, v in options.items() if k in fields}
 
 
 def _reset_peak() -> int:
@@ -115,7 +123,8 @@ def build(cell: Cell):
     n_layers, d, r = SHAPES[cell.shape]
     n_layers = cell.layers or n_layers
     gen = torch.Generator().manual_seed(0)
-    agg = get_aggregator(cell.method, AggregatorConfig(rank=r, alpha=2 * r))
+    options = method_options(cell.method, cell.options)
+    agg = get_aggregator(cell.method, AggregatorConfig(rank=r, alpha=2 * r), **options)
     layers = [f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj" for i in range(n_layers)]
     init = {}
     for layer in layers:
@@ -279,7 +288,7 @@ def robust_section(args, clients: list[int], ranks: list[int], methods: list[str
         for k in clients:
             for method in methods:
                 cell = Cell(shape, method, k, ranks, args.repeats, args.budget, args.threads, dense=False,
-                            layers=n_layers, rules=rules)
+                            layers=n_layers, rules=rules, options=args.options)
                 row = subprocess_json(["--robust-cell", json.dumps(asdict(cell))])
                 t, mb = row["time_s"], row["peak_mb"]
                 extra = t["bounds"] / t["aggregate"]
@@ -339,6 +348,9 @@ def main() -> None:
                    help="stop repeating a cell once its runs took this many seconds")
     p.add_argument("--dense-layers", type=int, default=1, help="layers the dense SVD is timed on (0: skip)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option (Options field, e.g. fair_norm=bf16), passed to the methods that have it; "
+                        "repeatable")
     p.add_argument("--robust", action="store_true", help='run the "robust defaults and rules" section instead')
     p.add_argument("--layers", type=int, default=0,
                    help="adapted layers in the robust section (default 0: the shape's, 64 for 7b)")
@@ -363,7 +375,13 @@ def main() -> None:
     unknown = set(methods) - set(available())
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {available()}")
+    options = args.options = dict(o.split("=", 1) for o in args.opt)
+    known = {f.name for m in available() for f in dataclasses.fields(aggregator_class(m).Options)}
+    if set(options) - known:
+        raise SystemExit(f"--opt: unknown {sorted(set(options) - known)}; method options are {sorted(known)}")
     print(header(args.threads))
+    if options:
+        print("method options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     if args.robust:
         robust_section(args, clients, ranks, methods)
         return
@@ -386,7 +404,7 @@ def main() -> None:
         for k in clients:
             for method in methods:
                 cell = Cell(shape, method, k, ranks, args.repeats, args.budget, args.threads,
-                            dense=dense_svd is not None)
+                            dense=dense_svd is not None, options=options)
                 row = subprocess_json(["--cell", json.dumps(asdict(cell))])
                 target = TARGET_S.get(method, DEFAULT_TARGET_S)
                 ok = "PASS" if row["time_s"] < target else "FAIL"
