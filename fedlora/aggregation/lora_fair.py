@@ -238,7 +238,8 @@ def centred_terms(
     eb = torch.stack([b.detach() for b in b_s], dim=1, out=reusable(buffers, "B", (d_out, k, r), work))
     fa = torch.stack([a.detach() for a in a_s], out=reusable(buffers, "A", (k, r, d_in), work))
     p_w = torch.tensor(p, dtype=work)
-    norms = torch.stack(torch._foreach_norm(list(b_s))) * torch.stack(torch._foreach_norm(list(a_s)))
+    norms = torch.stack([torch.linalg.vector_norm(b) for b in b_s]) * torch.stack(
+        [torch.linalg.vector_norm(a) for a in a_s])
     bound = float((norms.to(f64) * torch.tensor(p, dtype=f64)).sum())
     eb.sub_(b_bar_w.unsqueeze(1)).mul_(p_w.view(1, k, 1))
     fa.sub_(a_bar_w)
