@@ -298,13 +298,20 @@ def test_run_whose_serverapp_raises_exits_nonzero_with_one_reason(tmp_path, no_l
 
 
 @pytest.mark.slow
+def _foreground_sigint() -> None:
+    """The child handles SIGINT as a foreground program does, also when this suite runs as a background job (a
+    shell starts those with SIGINT ignored, the child would inherit that, and Python would then never raise
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_superlink(tmp_path, no_leftovers):
     """Ctrl-C (SIGINT to the foreground process group) mid-run: exit 130, nothing left running. 500 rounds: a
     tiny round takes ~0.3 s, and under load the streamed log can reach us many rounds late."""
     proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", "--model", "tiny", "--num-clients", "2",
                              "--rounds", "500", "--output", str(tmp_path / "run"), *QUICK], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_foreground_sigint)
     seen = []
     try:
         assert proc.stdout is not None
