@@ -89,7 +89,7 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
                     loss, c, k = loss_fn(model, enc, targets, chunk)
                 check_finite(loss, step)
                 (loss if len(chunks) == 1 else loss * (len(chunk) / len(idx))).backward()
-                total += loss.item() * len(chunk) / len(idx)
+                total += loss.item() if len(chunks) == 1 else loss.item() * len(chunk) / len(idx)
                 correct, counted = correct + c, counted + k
             if train.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, train.max_grad_norm)

@@ -188,7 +188,7 @@ def train_local_dp(
                                 loss, c, k = loss_fn(model, enc, labels, chunk)
                             check_finite(loss, done)
                             loss.backward()
-                            total += loss.item() * (len(chunk) / len(idx)) if len(chunks) > 1 else loss.item()
+                            total += loss.item() if len(chunks) == 1 else loss.item() * len(chunk) / len(idx)
                             correct, seen = correct + c, seen + k
                             if j < len(chunks) - 1:  # clip this chunk's per-example gradients into the sum, free them
                                 dp_opt.signal_skip_step(do_skip=True)

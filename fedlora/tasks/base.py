@@ -245,9 +245,9 @@ class Task(ABC):
         layers = adapter_layers(model)
         for layer in layers.values():
             layer.base.weight.requires_grad_(True)
-        n, enc, targets = to_device((num_examples, *self.encode(self.server_sample(num_examples))),
-                                    model_device(model))
+        enc, targets = self.encode(self.server_sample(num_examples))
         n = len(targets)
+        _, enc, targets = to_device((n, enc, targets), model_device(model))
         bs = self.cfg.train.batch_size
         model.train()
         try:
