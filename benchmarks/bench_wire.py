@@ -10,6 +10,8 @@ every message round-tripped through Flower's encoding) of --clients clients x --
 training; round 1 carries the frozen factors of FFA / Fed-SB and an all-zero B (Flower deduplicates identical
 chunks, so zeros are nearly free), later rounds are the steady state.
 
+The codec table: wire.upload float32 / bfloat16 / float16 / int8 on one FedIT upload at MiniLM and LLaMA-7B shapes.
+
 Run: python benchmarks/bench_wire.py [--models tiny,minilm] [--rounds 2] [--clients 3] [--output runs/bench-wire]
 """
 
@@ -84,6 +86,38 @@ def synthetic(methods: list[str], layers: int, d: int, r: int) -> None:
         print(f"{','.join(uploads):8s} {logical:12,d} {wire:12,d} {wire / logical:7.4f} {ok:>4s}  {' '.join(names)}")
 
 
+def codec_table(shapes: dict[str, tuple[int, int, int]]) -> None:
+    """wire.upload codecs on one FedIT upload (A and B of every layer, random: A ~ N(0, 1/d_in) as initialised,
+    B ~ N(0, 1e-4) as after a little training): bytes, ratio to float32 on the wire, relative L2 rounding."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.wire import CODECS, logical_bytes, message_wire_bytes, roundtrip_error, to_record
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    print("\nwire.upload codecs on one FedIT upload (random A ~ N(0, 1/d_in), B ~ N(0, 1e-4)); ratio = wire bytes "
+          "/ float32's wire bytes; error = ||decoded - sent|| / ||sent||")
+    print(f"{'shapes':22s} {'codec':9s} {'logical':>13s} {'wire':>13s} {'ratio':>6s} {'error':>9s} {'encode ms':>9s}")
+    gen = torch.Generator().manual_seed(0)
+    for label, (layers, d, r) in shapes.items():
+        tensors = {}
+        for i in range(layers):
+            layer = f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj"
+            tensors[naming.key(layer, "A")] = torch.randn(r, d, generator=gen) / d ** 0.5
+            tensors[naming.key(layer, "B")] = torch.randn(d, r, generator=gen) * 1e-2
+        base = None
+        for codec in CODECS:
+            to_record(tensors, codec)  # warm-up: first calls of torch's kernels are slow
+            t0 = time.perf_counter()
+            record = to_record(tensors, codec)
+            ms = 1000 * (time.perf_counter() - t0)
+            wire = message_wire_bytes(Message(RecordDict({"arrays": record, "metrics": MetricRecord(
+                {"num-examples": 100})}), dst_node_id=0, message_type="train"))
+            base = base or wire
+            print(f"{label:22s} {codec:9s} {logical_bytes(tensors, codec):13,d} {wire:13,d} {wire / base:6.3f} "
+                  f"{roundtrip_error(tensors, record):9.2e} {ms:9.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,minilm")
@@ -95,6 +129,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default="runs/bench-wire")
     p.add_argument("--no-synthetic", action="store_true", help="skip the LLaMA-7B-shaped upload")
+    p.add_argument("--no-codecs", action="store_true", help="skip the wire.upload codec table")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -106,6 +141,8 @@ def main() -> None:
           f"tensors moved (adapters + head); wire = serialised Flower messages; target wire/logical <= {TARGET}")
     if not args.no_synthetic:
         synthetic(args.methods.split(","), 64, 4096, 16)
+    if not args.no_codecs:
+        codec_table({"minilm 12x{q,v} 384 r8": (24, 384, 8), "7b 32x{q,v} 4096 r16": (64, 4096, 16)})
     for model in args.models.split(","):
         print(f"\nmodel {model}")
         print(f"{'method':10s} {'round':>5s} {'down logical':>13s} {'down wire':>11s} {'ratio':>6s} "

@@ -24,7 +24,7 @@ from fedlora.downlink import MergedStateLost, apply_merged
 from fedlora.privacy import privacy_mode_class
 from fedlora.tasks import get_task
 from fedlora.train import NonFiniteLoss
-from fedlora.wire import BUDGET_EXHAUSTED, MERGED_STATE_LOST, NON_FINITE_LOSS, from_record, to_record
+from fedlora.wire import BUDGET_EXHAUSTED, MERGED_STATE_LOST, NON_FINITE_LOSS, from_record, roundtrip_error, to_record
 
 FROZEN_KEY = "fedlora.frozen"
 PRIVACY_KEY = "fedlora.privacy"
@@ -130,8 +130,11 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             return Message(Error(code=NON_FINITE_LOSS, reason=str(e)), reply_to=msg)
         if res.privacy_state is not None:
             save_privacy_state(cfg, context, pid, res.privacy_state)
+        record = to_record(res.tensors, cfg.wire.upload)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
-        return Message(RecordDict({"arrays": to_record(res.tensors), "metrics": metrics}), reply_to=msg)
+        if cfg.wire.upload != "float32":
+            metrics["wire-error"] = roundtrip_error(res.tensors, record)  # what the codec's rounding added
+        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

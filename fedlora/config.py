@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.robust import RobustConfig  # the robust.* section lives beside the rules it configures
+from fedlora.wire import CODECS, WireConfig  # the wire.* section lives beside the codec
 
 PRECISIONS = ("fp32", "bf16")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
@@ -169,7 +170,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "method": MethodConfig, "data": DataConfig,
-            "train": TrainConfig, "privacy": PrivacyConfig, "robust": RobustConfig}
+            "train": TrainConfig, "privacy": PrivacyConfig, "robust": RobustConfig, "wire": WireConfig}
 
 
 @dataclass
@@ -182,6 +183,7 @@ class FedLoraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedLoraConfig:
@@ -252,6 +254,8 @@ class FedLoraConfig:
             (0 < self.privacy.target_quantile < 1, "privacy.target-quantile", "must be in (0, 1)"),
             (self.privacy.clip_lr > 0, "privacy.clip-lr", "must be > 0"),
             (self.privacy.count_noise >= 0, "privacy.count-noise", "must be >= 0 (0 = clients / 20)"),
+            (self.wire.upload in CODECS, "wire.upload", f"must be one of {list(CODECS)} (float32 = exact)"),
+            (self.wire.download in CODECS, "wire.download", f"must be one of {list(CODECS)} (float32 = exact)"),
         ]
         self.check(checks)
         task_class(self.model.task).check_config(self)

@@ -105,6 +105,9 @@ class Reporter:
             parts.append(f"{_fmt_count(row['tokens_per_second'])} tok/s")
         if row.get("peak_memory_mb") is not None:
             parts.append(f"peak {_fmt_bytes(row['peak_memory_mb'] * 2**20)}")
+        errors = [(d, row.get(k)) for d, k in (("down", "wire_error_down"), ("up", "wire_error_up"))]
+        if any(e is not None for _, e in errors):
+            parts.append("wire err " + " ".join(f"{d} {e:.1e}" for d, e in errors if e is not None))
         if row.get("epsilon") is not None:
             parts.append(f"eps {row['epsilon']:.2f}")
         if row["rejected"]:

@@ -48,6 +48,7 @@ from fedlora.wire import (
     logical_bytes,
     message_wire_bytes,
     record_logical_bytes,
+    roundtrip_error,
     to_record,
 )
 
@@ -80,6 +81,11 @@ class RoundStats:
     update_norm_median: float | None = None  # client-level DP: median pre-clip update norm (to tune clip)
     clip: float | None = None  # client-level DP: the clipping norm used this round (moves when adaptive)
     exactness: float | None = None  # ||new global update - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||
+    # Wire compression (wire.upload / wire.download): relative L2 rounding of what travelled, the largest of the
+    # round's train payloads (measured by the server) and of the clients' uploads (as they reported it); None when
+    # the direction is float32 (exact). The exactness above is of the aggregation of the decoded uploads.
+    wire_error_down: float | None = None
+    wire_error_up: float | None = None
     aggregate_seconds: float = 0.0  # server time in the aggregator alone (not decoding, checkpointing, eval)
     seconds: float = 0.0
     weight_capped: list[str] = field(default_factory=list)  # "node <id>: num-examples N counted as M (why)"
@@ -121,6 +127,7 @@ class _Reply:
     loss: float
     epsilon: float | None
     usage: dict[str, float] = field(default_factory=dict)
+    wire_error: float | None = None  # the rounding its upload's codec added (client-reported, informational)
 
 
 USAGE_KEYS = ("examples_per_second", "tokens_per_second", "peak_memory_mb")
@@ -137,6 +144,14 @@ def reported_usage(metrics: Any) -> dict[str, float]:
         if math.isfinite(value) and value >= 0:
             out[key] = value
     return out
+
+
+def _reported_wire_error(metrics: Any) -> float | None:
+    try:
+        value = float(metrics["wire-error"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 class LoRAStrategy(Strategy):
@@ -259,13 +274,16 @@ class LoRAStrategy(Strategy):
                 payload, merged = self.downlink.cut(nid, payload, version)
                 config.update(merged)
                 offered[nid] = version
-            msg = Message(RecordDict({"arrays": to_record(payload), "config": config}), dst_node_id=nid,
-                          message_type=kind)
+            codec = self.cfg.wire.download
+            record = to_record(payload, codec)
+            msg = Message(RecordDict({"arrays": record, "config": config}), dst_node_id=nid, message_type=kind)
             if kind == MessageType.TRAIN:
-                stats.bytes_down += logical_bytes(payload)
+                stats.bytes_down += logical_bytes(payload, codec)
                 stats.wire_bytes_down += message_wire_bytes(msg)
+                if codec != "float32":
+                    stats.wire_error_down = max(stats.wire_error_down or 0.0, roundtrip_error(payload, record))
             else:
-                stats.eval_bytes_down += logical_bytes(payload)
+                stats.eval_bytes_down += logical_bytes(payload, codec)
             msgs.append(msg)
         return msgs
 
@@ -324,6 +342,8 @@ class LoRAStrategy(Strategy):
             self.node_rank[node] = r.update.rank
             if r.usage:
                 stats.client_usage[str(node)] = r.usage
+            if r.wire_error is not None:
+                stats.wire_error_up = max(stats.wire_error_up or 0.0, r.wire_error)
             if r.epsilon is not None:
                 stats.client_epsilon[str(node)] = r.epsilon
                 log.info("round %d: node %d has spent epsilon %.3f", rnd, node, r.epsilon)
@@ -413,7 +433,8 @@ class LoRAStrategy(Strategy):
         except ValueError as e:
             raise InvalidUpdate(str(e)) from None
         tensors = decode_update(record, self.agg.expected_upload(self.state, rank), self.limits)
-        return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon, reported_usage(metrics))
+        return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon, reported_usage(metrics),
+                      _reported_wire_error(metrics))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:

@@ -10,6 +10,12 @@ ArrayRecord). "Logical bytes" are sum(numel * 4) of the tensors; :func:`message_
 serialised message. Names, shapes, dtype and length are validated on the manifest and the packed array's metadata
 before anything is unpacked (:func:`decode_update`). Records of one Array per tensor (the format before packing)
 are still read and validated the same way.
+
+Compression (``wire.upload`` / ``wire.download``, docs/flower-notes.md note 13): the packed array may instead be
+float16, bfloat16 (its bits as uint16: an ArrayRecord has no bf16) or int8 with one float32 scale per row or per
+column of each tensor, whichever is fewer (``fedlora.scales``: A (r, d_in) and B (d_out, r) both get r scales). The
+packed array's dtype says which; the decoder always returns float32, so aggregation is unchanged and only the values
+carry the codec's rounding, which the sender measures (:func:`roundtrip_error`) and metrics.jsonl reports.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,31 +45,103 @@ class InvalidUpdate(ValueError):
     """A client update that must not enter aggregation; the message is the logged reason."""
 
 
-PACKED, MANIFEST = "fedlora.packed", "fedlora.manifest"
+PACKED, MANIFEST, SCALES = "fedlora.packed", "fedlora.manifest", "fedlora.scales"
 MAX_MANIFEST = 8 << 20  # bytes of decompressed manifest accepted (a zip bomb stops here)
+# codec -> dtype of the packed array (what the receiver reads the codec from) and bytes per value
+CODECS: dict[str, str] = {"float32": "float32", "bfloat16": "uint16", "float16": "float16", "int8": "int8"}
+_CODEC_OF = {dtype: codec for codec, dtype in CODECS.items()}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+FLOAT16_MAX = 65504.0
 
 
-def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """The packed record of ``tensors`` (float32, CPU); an empty mapping gives an empty record."""
+@dataclass
+class WireConfig:
+    """How adapter tensors travel (run-config section ``wire``): float32 is exact; the others trade rounding for
+    bytes (2x and ~4x smaller), as NVIDIA FLARE's fp16 / 8-bit filters do. The server decodes every codec."""
+
+    upload: str = field(default="float32", metadata={"help": "client -> server: float32 | bfloat16 | float16 | "
+                                                             "int8 (one scale per row or column)"})
+    download: str = field(default="float32", metadata={"help": "server -> client: float32 | bfloat16 | float16 | "
+                                                               "int8"})
+
+
+def _scale_axis(shape: tuple[int, ...]) -> tuple[int, int, bool]:
+    """(rows, cols, per_column) of a tensor's 2-D view for int8: one scale per row, or per column where the
+    columns are fewer (a B of shape (d_out, r) gets r scales, not d_out). A vector is one row."""
+    if len(shape) <= 1:
+        return 1, (shape[0] if shape else 1), False
+    rows, cols = shape[0], math.prod(shape[1:])
+    return rows, cols, cols < rows
+
+
+def num_scales(shape: tuple[int, ...]) -> int:
+    rows, cols, per_column = _scale_axis(shape)
+    return 0 if rows * cols == 0 else (cols if per_column else rows)
+
+
+def _encode(flat: list[torch.Tensor], shapes: list[tuple[int, ...]], codec: str) -> list[tuple[str, np.ndarray]]:
+    """The packed array (and int8's scales) of float32 tensors flattened in order."""
+    whole = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
+    if codec == "float32":
+        return [(PACKED, whole.numpy())]
+    if codec == "float16":
+        peak = float(whole.abs().max()) if whole.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            raise ValueError(f"wire codec float16 cannot carry |value| {peak:.4g} > {FLOAT16_MAX:g}; use bfloat16")
+        return [(PACKED, whole.to(torch.float16).numpy())]
+    if codec == "bfloat16":  # round to nearest even in torch, then ship the 16 bits
+        return [(PACKED, whole.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))]
+    if codec != "int8":
+        raise ValueError(f"unknown wire codec {codec!r}; use one of {list(CODECS)}")
+    values, scales = [], []
+    for t, shape in zip(flat, shapes, strict=True):
+        rows, cols, per_column = _scale_axis(shape)
+        if rows * cols == 0:
+            continue
+        m = t.reshape(rows, cols)
+        peak = m.abs().amax(dim=0 if per_column else 1)
+        scale = peak / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(m / (safe[None, :] if per_column else safe[:, None])).clamp_(-127, 127)
+        values.append(q.to(torch.int8).reshape(-1))
+        scales.append(scale)
+    q = torch.cat(values) if values else torch.zeros(0, dtype=torch.int8)
+    s = torch.cat(scales) if scales else torch.zeros(0)
+    return [(PACKED, q.numpy()), (SCALES, s.to(torch.float32).numpy())]
+
+
+def to_record(tensors: Mapping[str, torch.Tensor], codec: str = "float32") -> ArrayRecord:
+    """The packed record of ``tensors`` (CPU) in ``codec`` (float32 = exact); an empty mapping gives an empty
+    record."""
     if not tensors:
         return ArrayRecord()
     flat = [v.detach().to("cpu", torch.float32).reshape(-1) for v in tensors.values()]
+    shapes = [tuple(v.shape) for v in tensors.values()]
     manifest = json.dumps([[k, list(v.shape)] for k, v in tensors.items()], separators=(",", ":"))
-    packed = torch.cat(flat).numpy() if len(flat) > 1 else flat[0].contiguous().numpy()
-    return ArrayRecord(OrderedDict([
-        (PACKED, Array(packed)),
-        (MANIFEST, Array(np.frombuffer(zlib.compress(manifest.encode(), 9), dtype=np.uint8))),
-    ]))
+    arrays = [(name, Array(a)) for name, a in _encode(flat, shapes, codec)]
+    arrays.insert(1, (MANIFEST, Array(np.frombuffer(zlib.compress(manifest.encode(), 9), dtype=np.uint8))))
+    return ArrayRecord(OrderedDict(arrays))
+
+
+def roundtrip_error(tensors: Mapping[str, torch.Tensor], record: ArrayRecord) -> float:
+    """||decoded - tensors|| / ||tensors|| over all tensors together: the rounding a codec added (0 for float32;
+    0 when the tensors are all zero)."""
+    back = from_record(record)
+    num = sum(float(torch.linalg.vector_norm(back[k] - v.detach().to("cpu", torch.float32))) ** 2
+              for k, v in tensors.items())
+    den = sum(float(torch.linalg.vector_norm(v.detach().to("cpu", torch.float32))) ** 2 for v in tensors.values())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def is_packed(record: ArrayRecord) -> bool:
-    return PACKED in record or MANIFEST in record
+    return PACKED in record or MANIFEST in record or SCALES in record
 
 
 def read_manifest(record: ArrayRecord) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of a packed record, from its manifest alone; InvalidUpdate if malformed."""
-    if set(record.keys()) != {PACKED, MANIFEST}:
-        raise InvalidUpdate(f"a packed record holds exactly {PACKED!r} and {MANIFEST!r}, got {sorted(record.keys())}")
+    if set(record.keys()) - {SCALES} != {PACKED, MANIFEST}:
+        raise InvalidUpdate(f"a packed record holds exactly {PACKED!r} and {MANIFEST!r} (and {SCALES!r} for int8), "
+                            f"got {sorted(record.keys())}")
     arr = record[MANIFEST]
     if arr.stype != SType.NUMPY or arr.dtype != "uint8" or len(arr.shape) != 1:
         raise InvalidUpdate(f"{MANIFEST!r} must be a 1-D uint8 array, got dtype {arr.dtype!r} shape {arr.shape}")
@@ -92,26 +170,62 @@ def read_manifest(record: ArrayRecord) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _unpack(record: ArrayRecord, manifest: list[tuple[str, tuple[int, ...]]]) -> OrderedDict[str, torch.Tensor]:
-    arr = record[PACKED]
-    total = sum(math.prod(shape) for _, shape in manifest)
-    if arr.stype != SType.NUMPY or arr.dtype != "float32" or tuple(arr.shape) != (total,):
-        raise InvalidUpdate(f"{PACKED!r} must be float32 of shape ({total},) as its manifest says, got dtype "
+def _numpy(record: ArrayRecord, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One array of a packed record, checked on its declared and its decoded dtype and shape."""
+    arr = record[name]
+    if arr.stype != SType.NUMPY or arr.dtype != dtype or tuple(arr.shape) != shape:
+        raise InvalidUpdate(f"{name!r} must be {dtype} of shape {shape} as its manifest says, got dtype "
                             f"{arr.dtype!r} shape {tuple(arr.shape)}")
     try:
         values = arr.numpy()
     except Exception as e:  # noqa: BLE001
-        raise InvalidUpdate(f"{PACKED!r} cannot be decoded ({e!r})") from None
-    if values.dtype != np.float32 or values.shape != (total,):
-        raise InvalidUpdate(f"{PACKED!r} decodes to dtype {values.dtype} shape {values.shape}, expected float32 "
-                            f"({total},)")
-    flat = torch.from_numpy(values.copy())
+        raise InvalidUpdate(f"{name!r} cannot be decoded ({e!r})") from None
+    if values.dtype != np.dtype(dtype) or values.shape != shape:
+        raise InvalidUpdate(f"{name!r} decodes to dtype {values.dtype} shape {values.shape}, expected {dtype} "
+                            f"{shape}")
+    return values
+
+
+def _unpack(record: ArrayRecord, manifest: list[tuple[str, tuple[int, ...]]]) -> OrderedDict[str, torch.Tensor]:
+    total = sum(math.prod(shape) for _, shape in manifest)
+    codec = _CODEC_OF.get(str(record[PACKED].dtype))
+    if codec is None:
+        raise InvalidUpdate(f"{PACKED!r} has dtype {record[PACKED].dtype!r}; the wire codecs send "
+                            f"{sorted(_CODEC_OF)}")
+    if (SCALES in record) != (codec == "int8"):
+        raise InvalidUpdate(f"{SCALES!r} comes with an int8 {PACKED!r} and only then")
+    values = _numpy(record, PACKED, CODECS[codec], (total,))
+    if codec == "float32":
+        flat = torch.from_numpy(values.copy())
+    elif codec == "float16":
+        flat = torch.from_numpy(values.astype(np.float32))
+    elif codec == "bfloat16":
+        flat = torch.from_numpy((values.astype(np.uint32) << 16).view(np.float32))
+    else:
+        return _unpack_int8(record, manifest, torch.from_numpy(values.astype(np.float32)))
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     pos = 0
     for name, shape in manifest:
         n = math.prod(shape)
         out[name] = flat[pos:pos + n].view(shape)
         pos += n
+    return out
+
+
+def _unpack_int8(record: ArrayRecord, manifest: list[tuple[str, tuple[int, ...]]], q: torch.Tensor
+                 ) -> OrderedDict[str, torch.Tensor]:
+    scales = torch.from_numpy(_numpy(record, SCALES, "float32", (sum(num_scales(s) for _, s in manifest),)).copy())
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        raise InvalidUpdate(f"{SCALES!r} must be finite and >= 0")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    pos = at = 0
+    for name, shape in manifest:
+        rows, cols, per_column = _scale_axis(shape)
+        n, k = rows * cols, num_scales(shape)
+        m = q[pos:pos + n].view(rows, cols)
+        s = scales[at:at + k]
+        out[name] = (m * (s[None, :] if per_column else s[:, None])).view(shape) if n else torch.zeros(shape)
+        pos, at = pos + n, at + k
     return out
 
 
@@ -132,15 +246,18 @@ def from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-def logical_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of the tensor payload as it travels (float32)."""
-    return sum(t.numel() * 4 for t in tensors.values())
+def logical_bytes(tensors: Mapping[str, torch.Tensor], codec: str = "float32") -> int:
+    """Bytes of the tensor payload as it travels in ``codec`` (float32: numel x 4; int8 adds its float32 scales)."""
+    total = sum(t.numel() for t in tensors.values()) * _ITEMSIZE[codec]
+    if codec == "int8":
+        total += 4 * sum(num_scales(tuple(t.shape)) for t in tensors.values())
+    return total
 
 
 def record_logical_bytes(record: ArrayRecord) -> int:
     """Payload bytes of a received record from its arrays' declared shapes and dtypes, without decoding it
-    (equals :func:`logical_bytes` of the decoded tensors for a valid float32 upload; a packed record's manifest
-    is overhead, not payload)."""
+    (equals :func:`logical_bytes` of the decoded tensors in the record's codec for a valid upload; a packed record's
+    manifest is overhead, not payload, int8's scales are payload)."""
     total = 0
     for name, arr in record.items():
         if name == MANIFEST:

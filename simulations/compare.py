@@ -4,14 +4,16 @@
     fedlora compare --real                           # the pretrained MiniLM on the built-in Austen data
     fedlora compare --methods fedit,fed_sb,fedsvd --partition dirichlet --alpha 0.3 --rounds 5
     fedlora compare --ranks 2,4,8                    # heterogeneous client ranks for flora/flexlora/hetlora
+    fedlora compare --methods fedit,fedit+int8       # a method with its messages compressed (wire.*) beside it
 
 Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
 per-round metrics, checkpoint, adapter). ``compare.md``/``compare.csv`` hold one row per method: final and best
 test accuracy, final test loss, train-message bytes down and up per round and in total, server aggregation
 time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k
-A_k||`` (per round in the CSV, worst round in the table). ``compare.png`` plots test accuracy against the round
-and against the cumulative bytes on the wire, one line per method. Finished methods with the same config are
-reused (delete a method's folder to redo it).
+A_k||`` (per round in the CSV, worst round in the table), and for a ``method+codec`` entry (wire.upload and
+wire.download set to the codec: bfloat16, float16, int8) the worst relative rounding the codec added.
+``compare.png`` plots test accuracy against the round and against the cumulative bytes on the wire, one line per
+method. Finished methods with the same config are reused (delete a method's folder to redo it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from simulations.cells import add_common_arguments, metrics, preset_base, run_or
 
 COLUMNS = ["method", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
-           "exactness_max", "exactness_per_round", "rounds", "wall_seconds"]
+           "exactness_max", "exactness_per_round", "wire_error_max", "rounds", "wall_seconds"]
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look;
 # MiniLM keeps the config defaults tuned for it (as `make demo`) without federated eval (the server's test
@@ -40,13 +42,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}}
 
 
-def method_config(base: dict[str, Any], method: str, out: Path, ranks: str) -> dict[str, Any]:
-    """One method's full, validated run config; ``ranks`` goes only to methods that take per-client ranks."""
+def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str) -> dict[str, Any]:
+    """One ``--methods`` entry's full, validated run config: ``method`` or ``method+codec`` (its messages in that
+    wire codec both ways); ``ranks`` goes only to methods that take per-client ranks."""
     from fedlora.aggregation import available, get_aggregator
+    from fedlora.wire import CODECS
 
+    method, _, codec = entry.partition("+")
     if method not in available():
         raise ConfigError(f"--methods: {method!r} is not a known aggregator; choose from {available()}")
     cfg = {**base, "method.name": method, "output-dir": str(out)}
+    if codec:
+        if codec not in CODECS:
+            raise ConfigError(f"--methods: {entry!r}: after '+' comes a wire codec, one of {list(CODECS)}")
+        cfg["wire.upload"] = cfg["wire.download"] = codec
     if ranks and get_aggregator(method).heterogeneous_ranks:
         cfg["adapter.ranks"] = ranks
         top = max(int(r) for r in ranks.split(","))
@@ -60,13 +69,15 @@ def row(method: str, partition: str, summary: dict, history: list[dict]) -> dict
     up = [r["bytes_up"] for r in trained]
     agg_ms = [1000 * r.get("aggregate_seconds", 0.0) for r in trained]
     exact = [r["exactness"] for r in trained if r.get("exactness") is not None]
+    wire = [e for r in trained for e in (r.get("wire_error_down"), r.get("wire_error_up")) if e is not None]
     n = max(1, len(trained))
     return {"method": method, "partition": partition, "initial_accuracy": summary.get("initial_accuracy"),
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
             "final_loss": summary.get("final_loss"), "bytes_down_per_round": sum(down) / n,
             "bytes_up_per_round": sum(up) / n, "bytes_total": sum(down) + sum(up),
             "aggregate_ms_per_round": sum(agg_ms) / n, "exactness_max": max(exact) if exact else None,
-            "exactness_per_round": ";".join(f"{e:.3e}" for e in exact), "rounds": len(trained),
+            "exactness_per_round": ";".join(f"{e:.3e}" for e in exact),
+            "wire_error_max": max(wire) if wire else None, "rounds": len(trained),
             "wall_seconds": summary.get("wall_seconds")}
 
 
@@ -80,13 +91,14 @@ def _kb(v: float) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | final acc | best acc | final loss | down / round | up / round | total bytes | "
-             "aggregate ms / round | exactness (worst round) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "aggregate ms / round | exactness (worst round) | wire rounding | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} | "
                      f"{_f(r['final_loss'])} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
                      f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
-                     f"{_f(r['exactness_max'], '.1e')} | {_f(r['wall_seconds'], '.0f')} |")
+                     f"{_f(r['exactness_max'], '.1e')} | {_f(r['wire_error_max'], '.1e')} | "
+                     f"{_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -159,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     for i, method in enumerate(methods, 1):
         out, cfg = root / method, configs[method]
         tag = f"[{i}/{len(methods)}] {method}"
-        summary = run_or_reuse(tag, method, cfg, out, num_clients)
+        summary = run_or_reuse(tag, cfg["method.name"], cfg, out, num_clients)
         histories[method] = metrics(out)
         rows.append(row(method, partition, summary, histories[method]))
 

@@ -12,7 +12,7 @@ from simulations import compare
 
 FAST = ["train.local-steps=2", "train.batch-size=8", "model.max-length=32", "data.max-eval-examples=64",
         "adapter.rank=4"]
-METHODS = ["fedit", "fed_sb", "flexlora"]
+METHODS = ["fedit", "fed_sb", "flexlora", "fedit+int8"]
 
 
 def run_compare(out, *extra: str) -> int:
@@ -61,6 +61,17 @@ def test_exactness_column_separates_exact_and_inexact_methods(compared):
     # clients' A differ (after round 1).
     assert worst["fed_sb"] < 1e-5 and worst["flexlora"] < 1e-5
     assert worst["fedit"] > 1e-3
+
+
+def test_a_compressed_entry_runs_its_method_in_that_codec(compared):
+    rows = {r["method"]: r for r in read_rows(compared)}
+    ran = json.loads((compared / "fedit+int8" / "run.json").read_text())["run_config"]
+    assert ran["method.name"] == "fedit" and ran["wire.upload"] == ran["wire.download"] == "int8"
+    assert rows["fedit"]["wire_error_max"] == ""  # float32: nothing added
+    assert 1e-4 < float(rows["fedit+int8"]["wire_error_max"]) < 0.05
+    assert float(rows["fedit+int8"]["bytes_up_per_round"]) < 0.3 * float(rows["fedit"]["bytes_up_per_round"])
+    with pytest.raises(Exception, match=r"after '\+' comes a wire codec"):
+        compare.method_config({}, "fedit+fp8", compared / "x", "")
 
 
 def test_fed_sb_uploads_only_r_and_head(compared):

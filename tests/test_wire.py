@@ -172,7 +172,7 @@ def test_packed_uploads_are_validated_on_the_manifest_before_unpacking() -> None
     n = sum(torch.Size(s).numel() for s in _expected().values())
     with pytest.raises(InvalidUpdate, match=r"must be float32 of shape"):  # length differs from the manifest's
         decode_update(_forged(good, values=torch.randn(n + 1)), _expected())
-    with pytest.raises(InvalidUpdate, match=r"must be float32 of shape"):
+    with pytest.raises(InvalidUpdate, match=r"has dtype 'float64'; the wire codecs send"):
         decode_update(_forged(good, values=torch.randn(n).double()), _expected())
     with pytest.raises(InvalidUpdate, match="cannot be read"):
         decode_update(_forged(good, manifest_bytes=b"not zlib"), _expected())
