@@ -83,6 +83,14 @@ def _method_config() -> type:
     shared = [
         ("name", str, field(default="fedit", metadata={"help": "aggregator: " + " | ".join(available())})),
         ("weighting", str, field(default="num_examples", metadata={"help": "num_examples | uniform"})),
+        ("server_opt", str, field(default="none", metadata={"help": "server optimiser on the linear methods' "
+                                                                   "pseudo-gradient: none | avgm | adam | yogi"})),
+        ("server_lr", float, field(default=0.0, metadata={"help": "its learning rate (0 = avgm 1.0, adam / yogi "
+                                                                  "0.01)"})),
+        ("server_momentum", float, field(default=0.9, metadata={"help": "avgm's momentum"})),
+        ("server_beta1", float, field(default=0.9, metadata={"help": "adam / yogi first-moment decay"})),
+        ("server_beta2", float, field(default=0.99, metadata={"help": "adam / yogi second-moment decay"})),
+        ("server_tau", float, field(default=1e-3, metadata={"help": "adam / yogi eps (Reddi et al.'s tau)"})),
     ]
     own = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in option_fields()]
     cls = dataclasses.make_dataclass("MethodConfig", shared + own)
@@ -121,6 +129,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (first CUDA device, else CPU) | cpu | cuda | cuda:N"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast of the forward pass on CUDA; "
                                                              "adapters, optimizer and uploads stay fp32)"})
+    prox_mu: float = field(default=0.0, metadata={"help": "FedProx: + (mu / 2) ||w - w_global||^2 over the trainable "
+                                                          "tensors (0 = off)"})
 
 
 @dataclass
@@ -233,6 +243,7 @@ class FedLoraConfig:
             (self.train.local_steps >= 1, "train.local-steps", "must be >= 1"),
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.prox_mu >= 0, "train.prox-mu", "must be >= 0 (0 = no proximal term)"),
             (self.train.micro_batch_size >= 0, "train.micro-batch-size", "must be >= 0 (0 = the whole batch)"),
             (self.train.precision in PRECISIONS, "train.precision", f"must be one of {list(PRECISIONS)}"),
             (device_spec_ok(self.train.device), "train.device", "must be auto, cpu, cuda or cuda:N (N a GPU index)"),
@@ -271,6 +282,21 @@ class FedLoraConfig:
             self.robust.validate()
         except ValueError as e:
             raise ConfigError(f"run-config {e}") from None
+        from fedlora.server_opt import SERVER_OPTS, refusal
+
+        m = self.method
+        self.check([
+            (m.server_opt in SERVER_OPTS, "method.server-opt", f"must be one of {list(SERVER_OPTS)}"),
+            (m.server_lr >= 0, "method.server-lr", "must be >= 0 (0 = the optimiser's default)"),
+            (0 <= m.server_momentum < 1, "method.server-momentum", "must be in [0, 1)"),
+            (0 <= m.server_beta1 < 1, "method.server-beta1", "must be in [0, 1)"),
+            (0 <= m.server_beta2 < 1, "method.server-beta2", "must be in [0, 1)"),
+            (m.server_tau > 0, "method.server-tau", "must be > 0"),
+        ])
+        if m.server_opt != "none" and (why := refusal(method)):
+            linear = [n for n in available() if not refusal(aggregator_class(n))]
+            raise ConfigError(f"run-config method.server-opt={m.server_opt!r} does not apply to method.name="
+                              f"{m.name!r}: {why}; use method.server-opt='none' or one of {linear}")
         if self.robust.rule != "mean" and not method.linear:
             raise ConfigError(f"run-config robust.rule={self.robust.rule!r} applies to methods whose aggregate is "
                               f"linear in the uploads; method.name={self.method.name!r} is not (its bound is the "

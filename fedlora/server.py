@@ -20,6 +20,7 @@ from fedlora.checkpoint import has_checkpoint, load_checkpoint
 from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
 from fedlora.report import Reporter
+from fedlora.server_opt import split_state
 from fedlora.strategy import LoRAStrategy, RoundStats, StopRun
 from fedlora.tasks import get_task
 from fedlora.wire import to_record
@@ -68,10 +69,11 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     torch.manual_seed(cfg.run.seed)
     agg = make_aggregator(cfg)
     out = output_dir(cfg)
-    offset, meta = 0, {}
+    offset, meta, opt_tensors = 0, {}, {}
     resuming = cfg.run.resume and has_checkpoint(out)
     if resuming:
         state, offset, meta = load_checkpoint(out)  # the newest intact one (a torn file is skipped)
+        state, opt_tensors = split_state(state)  # the server optimiser's moments travel in the same file
         if meta.get("method") != agg.name:
             raise ValueError(f"resume=true: the checkpoint in {out} is from method {meta.get('method')!r}, not "
                              f"{agg.name!r}; use another output-dir or the same method.name")
@@ -84,6 +86,7 @@ def run_server(grid: Grid, cfg: FedLoraConfig, printer=print) -> dict:
     evaluate_state = global_evaluator(cfg, agg)
     task = get_task(cfg)
     strategy = LoRAStrategy(cfg, agg, state, round_offset=offset, output_dir=str(out), resume_meta=meta,
+                            server_opt_tensors=opt_tensors,
                             on_round_end=lambda stats, _state: reporter.round(with_task_metrics(task, stats)))
 
     def evaluate_fn(_server_round: int, _arrays: ArrayRecord) -> MetricRecord:

@@ -37,6 +37,7 @@ from fedlora.downlink import MergedDownlink, Version
 from fedlora.influence import bound_norms, bound_weights
 from fedlora.privacy import get_privacy_mode
 from fedlora.robust import robust_combine
+from fedlora.server_opt import ServerOptimizer
 from fedlora.wire import (
     BUDGET_EXHAUSTED,
     MERGED_STATE_LOST,
@@ -164,6 +165,7 @@ class LoRAStrategy(Strategy):
         on_round_end: Callable[[RoundStats, OrderedDict[str, torch.Tensor]], None] | None = None,
         output_dir: str | None = None,
         resume_meta: dict | None = None,
+        server_opt_tensors: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.agg = aggregator
@@ -190,7 +192,15 @@ class LoRAStrategy(Strategy):
         self.first_claim: dict[int, int] = {}  # num-examples each node reported first (robust.pin-examples)
         self._before: OrderedDict[str, torch.Tensor] | None = None  # the state before this round's aggregation
         self._round_nodes: list[int] = []
+        m = cfg.method
+        # method.server-opt: FedAvgM / FedAdam / FedYogi on the pseudo-gradient (fedlora.server_opt); its moments are
+        # checkpointed with the state. _opt_before undoes a step the divergence guard rolls back.
+        self.server_opt = None if m.server_opt == "none" else ServerOptimizer(
+            aggregator, m.server_opt, m.server_lr, m.server_momentum, m.server_beta1, m.server_beta2, m.server_tau)
+        self._opt_before: dict | None = None
         self._restore(resume_meta or {})
+        if self.server_opt is not None:
+            self.server_opt.load(server_opt_tensors or {}, (resume_meta or {}).get("server_opt", {}), self.state)
         # The last accepted server evaluation: the divergence guard compares the next one with it.
         last = next((r for r in reversed(self.history) if r.get("global_loss") is not None), None)
         self._good_metrics = {"loss": last["global_loss"], "accuracy": last["global_accuracy"]} if last else None
@@ -224,6 +234,8 @@ class LoRAStrategy(Strategy):
             "privacy": self.privacy.state_dict(),
             "first_claim": {str(n): c for n, c in sorted(self.first_claim.items())},
         }
+        if self.server_opt is not None:
+            meta["server_opt"] = self.server_opt.meta()
         return meta
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -383,9 +395,16 @@ class LoRAStrategy(Strategy):
                                     self.agg.weights(updates), self.cfg.robust)
             updates, stats.robust = result.updates, result.info
         t_agg = time.perf_counter()
-        old, self.state = self.state, self.agg.aggregate(self.state, updates)
+        stepped = updates
+        if self.server_opt is not None:  # the optimised mean becomes the round's one update
+            self._opt_before = self.server_opt.snapshot()
+            stepped = self.server_opt.step(self.state, updates)
+        old, self.state = self.state, self.agg.aggregate(self.state, stepped)
         stats.aggregate_seconds = time.perf_counter() - t_agg
-        stats.exactness = exactness_error(self.agg, old, self.state, updates)
+        # The meter measures the method's aggregation of what arrived; a server optimiser moves away from it on
+        # purpose, so its exactness is that of the plain aggregate.
+        plain = self.state if stepped is updates else self.agg.aggregate(old, updates)
+        stats.exactness = exactness_error(self.agg, old, plain, updates)
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
 
     def _bound(self, updates: list[ClientUpdate], stats: RoundStats) -> list[ClientUpdate]:
@@ -490,7 +509,8 @@ class LoRAStrategy(Strategy):
             self.on_round_end(stats, self.state)
         rnd = self._round(server_round)
         if self.output_dir and server_round > 0:
-            save_checkpoint(self.output_dir, self.state, rnd, self.checkpoint_meta(rnd),
+            tensors = self.state if self.server_opt is None else {**self.state, **self.server_opt.tensors()}
+            save_checkpoint(self.output_dir, tensors, rnd, self.checkpoint_meta(rnd),
                             keep=self.cfg.run.keep_checkpoints)
         if self.failed_rounds >= self.cfg.run.max_failed_rounds:
             raise TooManyFailedRounds(
@@ -540,6 +560,8 @@ class LoRAStrategy(Strategy):
                              f"{self._round_nodes})")
         log.warning("round %d: %s", stats.round, stats.rolled_back)
         self.state, self._before = self._before, None
+        if self.server_opt is not None and self._opt_before is not None:
+            self.server_opt.restore(self._opt_before)
         return dict(good) if good else metrics
 
     def summary(self) -> None:

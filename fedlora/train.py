@@ -55,6 +55,27 @@ BatchLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Te
                      tuple[torch.Tensor, int, int]]
 
 
+class Proximal:
+    """FedProx's term (mu / 2) ||w - w_start||^2 over the trainable tensors (Li et al. 2020), w_start = the values
+    the round started from (the global state, or a fresh adapter where the method starts fresh). Added as its
+    gradient mu (w - w_start) to ``.grad``: for plain training before clipping, the same as adding it to the loss;
+    under DP-SGD after the noise, since it reads no data (per-example clipping would not see it anyway)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], mu: float) -> None:
+        self.mu = mu
+        self.params = list(params)
+        self.start = [p.detach().clone() for p in self.params] if mu > 0 else []
+
+    def add_gradient(self) -> None:
+        if self.mu <= 0:
+            return
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.start, strict=True):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p - p0, alpha=self.mu)
+
+
 def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tensor, loss_fn: BatchLoss,
              train: TrainConfig, seed: int) -> tuple[list[float], int, int]:
     """AdamW over the model's trainable parameters for ``train.local_steps`` steps of ``loss_fn``; returns the
@@ -68,10 +89,11 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
     ``train.micro-batch-size`` splits each batch into chunks whose gradients accumulate before the step, each
     chunk's mean loss weighted by its share of the batch: the same gradient as the whole batch (the loss is a
     mean of per-example losses), within float rounding. ``train.precision='bf16'`` autocasts the forward pass
-    on CUDA (:mod:`fedlora.accel`).
+    on CUDA (:mod:`fedlora.accel`). ``train.prox-mu`` > 0 adds FedProx's proximal term (:class:`Proximal`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    prox = Proximal(params, train.prox_mu)
     gen = torch.Generator().manual_seed(seed)
     device = model_device(model)
     losses: list[float] = []
@@ -91,6 +113,7 @@ def optimise(model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tens
                 (loss if len(chunks) == 1 else loss * (len(chunk) / len(idx))).backward()
                 total += loss.item() if len(chunks) == 1 else loss.item() * len(chunk) / len(idx)
                 correct, counted = correct + c, counted + k
+            prox.add_gradient()
             if train.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             opt.step()

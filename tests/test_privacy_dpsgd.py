@@ -221,7 +221,7 @@ def test_dp_rounds_through_opacus_hook_match_opacus_epsilon_and_count_empty_batc
     batches likely, which must still be (noise-only) steps the accountant counts."""
     empty = []
     real = dpsgd._noise_only_step
-    monkeypatch.setattr(dpsgd, "_noise_only_step", lambda opt: (empty.append(1), real(opt)))
+    monkeypatch.setattr(dpsgd, "_noise_only_step", lambda opt, prox=None: (empty.append(1), real(opt, prox)))
     enc, labels = tiny_data(40)
     model = tiny_model("ffa")
     sigma, q, state = 1.2, 1 / 40, None

@@ -34,7 +34,7 @@ from fedlora.accel import autocast, count_batch, micro_batches, model_device, rn
 from fedlora.config import TrainConfig
 from fedlora.privacy.accountant import ClientAccountant
 from fedlora.tasks.classification import classification_loss
-from fedlora.train import BatchLoss, check_finite
+from fedlora.train import BatchLoss, Proximal, check_finite
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # Attributes opacus leaves behind after GradSampleHooks.cleanup() (which removes hooks, grad_sample & co):
@@ -120,12 +120,20 @@ def dp_session(
             model.train(was_training)
 
 
-def _noise_only_step(optimizer: DPOptimizer) -> None:
+def _noise_only_step(optimizer: DPOptimizer, prox: Proximal | None = None) -> None:
     """An empty Poisson batch still is a DP-SGD step: zero clipped sum + noise, counted by the accountant.
     Skipping it would change the mechanism the accountant assumes (and reveal that the batch was empty)."""
     for p in optimizer.params:
         p.grad_sample = p.new_zeros((0, *p.shape))
-    optimizer.step()
+    _step(optimizer, prox)
+
+
+def _step(optimizer: DPOptimizer, prox: Proximal | None) -> None:
+    """``DPOptimizer.step`` (clip, noise, accountant) with FedProx's data-free gradient added after the noise."""
+    if optimizer.pre_step():
+        if prox is not None:
+            prox.add_gradient()
+        optimizer.original_optimizer.step()
 
 
 # The loss (a task's batch_loss) MUST be the batch mean of per-example losses: opacus' hooks
@@ -168,6 +176,7 @@ def train_local_dp(
     correct = seen = 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    prox = Proximal(params, train.prox_mu)
     device = model_device(model)
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)  # adapter/model dropout
@@ -178,7 +187,7 @@ def train_local_dp(
                 for (idx,) in loader:  # one pass = int(1/q) Poisson batches; go round again as needed
                     dp_opt.zero_grad(set_to_none=True)
                     if len(idx) == 0:
-                        _noise_only_step(dp_opt)
+                        _noise_only_step(dp_opt, prox)
                     else:
                         chunks = micro_batches(idx, train.micro_batch_size)
                         total = 0.0
@@ -194,7 +203,7 @@ def train_local_dp(
                                 dp_opt.signal_skip_step(do_skip=True)
                                 dp_opt.step()
                                 dp_opt.zero_grad(set_to_none=True)
-                        dp_opt.step()  # the last chunk: clip, then one noise draw for the whole batch, then AdamW
+                        _step(dp_opt, prox)  # the last chunk: clip, one noise draw for the batch, FedProx, AdamW
                         losses.append(total)
                     done += 1
                     if done == steps:
