@@ -5,6 +5,7 @@
     fedlora compare --methods fedit,fed_sb,fedsvd --partition dirichlet --alpha 0.3 --rounds 5
     fedlora compare --ranks 2,4,8                    # heterogeneous client ranks for flora/flexlora/hetlora
     fedlora compare --methods fedit,fedit+int8       # a method with its messages compressed (wire.*) beside it
+    fedlora compare --methods fedit,fedit+adam       # ... or with a server optimiser (method.server-opt)
 
 Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
 per-round metrics, checkpoint, adapter). ``compare.md``/``compare.csv`` hold one row per method: final and best
@@ -43,19 +44,25 @@ DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluat
 
 
 def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str) -> dict[str, Any]:
-    """One ``--methods`` entry's full, validated run config: ``method`` or ``method+codec`` (its messages in that
-    wire codec both ways); ``ranks`` goes only to methods that take per-client ranks."""
+    """One ``--methods`` entry's full, validated run config: ``method``, optionally with ``+codec`` (its messages in
+    that wire codec both ways) and ``+optimiser`` (method.server-opt); ``ranks`` goes only to methods that take
+    per-client ranks."""
     from fedlora.aggregation import available, get_aggregator
+    from fedlora.server_opt import SERVER_OPTS
     from fedlora.wire import CODECS
 
-    method, _, codec = entry.partition("+")
+    method, *variants = entry.split("+")
     if method not in available():
         raise ConfigError(f"--methods: {method!r} is not a known aggregator; choose from {available()}")
     cfg = {**base, "method.name": method, "output-dir": str(out)}
-    if codec:
-        if codec not in CODECS:
-            raise ConfigError(f"--methods: {entry!r}: after '+' comes a wire codec, one of {list(CODECS)}")
-        cfg["wire.upload"] = cfg["wire.download"] = codec
+    for variant in variants:
+        if variant in CODECS:
+            cfg["wire.upload"] = cfg["wire.download"] = variant
+        elif variant in SERVER_OPTS[1:]:
+            cfg["method.server-opt"] = variant
+        else:
+            raise ConfigError(f"--methods: {entry!r}: after '+' comes a wire codec {list(CODECS)} or a server "
+                              f"optimiser {list(SERVER_OPTS[1:])}, e.g. 'fedit+adam' or 'fedit+int8'")
     if ranks and get_aggregator(method).heterogeneous_ranks:
         cfg["adapter.ranks"] = ranks
         top = max(int(r) for r in ranks.split(","))

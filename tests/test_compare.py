@@ -70,8 +70,10 @@ def test_a_compressed_entry_runs_its_method_in_that_codec(compared):
     assert rows["fedit"]["wire_error_max"] == ""  # float32: nothing added
     assert 1e-4 < float(rows["fedit+int8"]["wire_error_max"]) < 0.05
     assert float(rows["fedit+int8"]["bytes_up_per_round"]) < 0.3 * float(rows["fedit"]["bytes_up_per_round"])
-    with pytest.raises(Exception, match=r"after '\+' comes a wire codec"):
+    with pytest.raises(Exception, match=r"after '\+' comes a wire codec .* or a server optimiser"):
         compare.method_config({}, "fedit+fp8", compared / "x", "")
+    both = compare.method_config({}, "ffa+adam+bfloat16", compared / "x", "")
+    assert both["method.server-opt"] == "adam" and both["wire.upload"] == "bfloat16"
 
 
 def test_fed_sb_uploads_only_r_and_head(compared):
