@@ -178,5 +178,84 @@ def main() -> None:
                   f"{it_log / sb_log:.2f}x logical, {it_wire / sb_wire:.2f}x on the wire")
 
 
+
+# -- FedEx-LoRA: its residual as thin factors vs the paper code's dense residual (a section of its own) ----------------
+FEDEX_SHAPES = {"minilm": (12, 384, 8), "7b": (64, 4096, 16)}  # adapted layers, d_out = d_in, rank
+
+
+def fedex_residual_from_shapes(clients: list[int], rounds: int) -> None:
+    """Per node, per round, the residual part of FedEx-LoRA's downlink (A, B and the head are the same either way):
+    (K - 1) r (d_out + d_in) new factor columns per layer (docs/algorithms.md section 14) until the layer's width
+    passes min(d_out, d_in), then the whole recompressed min(d)-wide pair every round; the paper's code: the dense
+    d_out x d_in residual every round. float32."""
+    print(f"\nFedEx-LoRA residual downlink per node and round, from shapes (float32; {rounds} rounds summed; the "
+          "A, B and head bytes, the same for both, left out)")
+    print(f"{'shape':7s} {'clients':>7s} {'cols/round':>10s} {'factored/round':>15s} {'dense/round':>12s} "
+          f"{'ratio':>6s} {'saturates':>9s} {'after':>12s} {f'factored {rounds} r':>14s} {f'dense {rounds} r':>12s}")
+    for shape, (layers, d, r) in FEDEX_SHAPES.items():
+        dense = layers * d * d * 4
+        for k in clients:
+            cols = (k - 1) * r
+            factored = layers * cols * 2 * d * 4
+            saturated = layers * d * 2 * d * 4  # min(d) rows of MA and columns of MB
+            first_full = d // cols + 1 if cols else None  # the first aggregation whose width exceeds min(d)
+            total = sum(factored if first_full is None or t < first_full else saturated for t in range(1, rounds + 1))
+            sat = "never" if first_full is None else f"agg. {first_full}"
+            before = "-" if first_full == 1 else _mb(factored)  # - : saturated from the first aggregation on
+            ratio = "-" if first_full == 1 else f"{factored / dense:.2f}"
+            print(f"{shape:7s} {k:7d} {cols:10d} {before:>15s} {_mb(dense):>12s} {ratio:>6s} "
+                  f"{sat:>9s} {_mb(saturated):>12s} {_mb(total):>14s} {_mb(rounds * dense):>12s}")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def fedex_residual_measured(models: list[str], clients: int, rounds: int, root: Path) -> None:
+    """A real FedEx-LoRA federation per model (every node trains every round): each round's downlink as measured
+    (logical and wire bytes, all train messages) against the same messages with the dense residual instead of its
+    factors. Round 1's messages carry A, B and the head only (the residual is still empty); their size, per node,
+    is what every later message carries besides the residual."""
+    args = argparse.Namespace(rounds=rounds, local_steps=2, rank=8, clients=clients)
+    for model in models:
+        rows, out = run(model, "fedex_lora", args, root)
+        state, _, _ = load_checkpoint(out)
+        dims = get_aggregator("fedit").layer_dims(state)
+        dense = 4 * sum(d_out * d_in for d_out, d_in in dims.values())
+        print(f"\nFedEx-LoRA downlink measured, {model}: {clients} clients x {rounds} rounds, rank 8, {len(dims)} "
+              f"adapted layers; dense residual {_mb(dense)} per node")
+        print(f"{'round':>5s} {'residual width':>14s} {'down logical':>13s} {'down wire':>11s} {'residual sent':>13s} "
+              f"{'down with dense residual':>24s} {'dense / factored':>16s}")
+        base = rows[0]["bytes_down"]  # round 1: A, B and the head, all nodes
+        min_d = min(min(d) for d in dims.values())
+        for r in rows:
+            width = min((r["round"] - 1) * (clients - 1) * 8, min_d)  # recompressed at min(d_out, d_in)
+            with_dense = base + (clients * dense if r["round"] > 1 else 0)
+            print(f"{r['round']:5d} {width:14d} {r['bytes_down']:13,d} {r['wire_bytes_down']:11,d} "
+                  f"{r['bytes_down'] - base:13,d} {with_dense:24,d} {with_dense / r['bytes_down']:16.2f}")
+
+
+def fedex_main(argv: list[str]) -> None:
+    """``python benchmarks/bench_wire.py fedex-residual [--models tiny,minilm] [--clients 3] [--rounds 6]``: the two
+    tables above (benchmarks/README.md section 8)."""
+    p = argparse.ArgumentParser(prog="bench_wire.py fedex-residual", description=fedex_residual_from_shapes.__doc__)
+    p.add_argument("--models", default="tiny,minilm", help="measured federations ('' = shapes only)")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--shape-clients", default="3,10,100", help="client counts of the from-shapes table")
+    p.add_argument("--shape-rounds", type=int, default=20)
+    p.add_argument("--output", default="runs/bench-wire-fedex")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    quiet_flower()
+    print(header(1))
+    fedex_residual_from_shapes([int(k) for k in args.shape_clients.split(",")], args.shape_rounds)
+    if args.models:
+        fedex_residual_measured(args.models.split(","), args.clients, args.rounds, Path(args.output))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    fedex_main(sys.argv[2:]) if sys.argv[1:2] == ["fedex-residual"] else main()

@@ -1,8 +1,8 @@
 """The Flower ClientApp: decode the payload, train or evaluate with fedlora, send back adapter tensors only.
 
 Per-client state that must outlive a round (the method's frozen factors, which the server sends once; FLoRA's
-cumulative merged factors, onto which the server sends only each round's new stack) lives in ``context.state``:
-in deployment every message runs in a fresh process, so globals would be lost.
+and FedEx-LoRA's cumulative merged factors, onto which the server sends only each round's new stack) lives in
+``context.state``: in deployment every message runs in a fresh process, so globals would be lost.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fedlora.wire import BUDGET_EXHAUSTED, MERGED_STATE_LOST, NON_FINITE_LOSS, f
 
 FROZEN_KEY = "fedlora.frozen"
 PRIVACY_KEY = "fedlora.privacy"
-MERGED_KEY = "fedlora.merged"  # ArrayRecord: the cumulative merged factors this node holds (FLoRA)
+MERGED_KEY = "fedlora.merged"  # ArrayRecord: the cumulative merged factors this node holds (FLoRA, FedEx-LoRA)
 MERGED_GENERATION_KEY = "fedlora.merged-generation"  # ConfigRecord: their generation per layer
 
 

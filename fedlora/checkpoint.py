@@ -1,8 +1,8 @@
 """Atomic, verified save/load of the server state after every round; the last K rounds are kept.
 
 Each round writes ``server_state-<round>.safetensors``: the global state's tensors (adapter tensors plus
-whatever the aggregator keeps there: FedSVD's A, FLoRA's merged factors, Fed-SB's frozen B and A), and in
-the safetensors metadata, as JSON, the round, the tensor order, a sha256 of the tensors and the caller's
+whatever the aggregator keeps there: FedSVD's A, FLoRA's and FedEx-LoRA's merged factors, Fed-SB's frozen B and
+A), and in the safetensors metadata, as JSON, the round, the tensor order, a sha256 of the tensors and the caller's
 ``meta`` (run history, RNG seeds, per-node knowledge, DP state). The file is written to a temporary name in
 the same folder, fsync-ed and ``os.replace``-d, then the folder is fsync-ed, so a crash leaves either the
 old set of files or the new one. Loading takes the newest checkpoint that reads back completely and whose

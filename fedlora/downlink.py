@@ -1,6 +1,6 @@
-"""The delta downlink of stacked merged factors (FLoRA): a node that already holds the merged factors of an earlier
-round is sent only the rows of MA and columns of MB appended since, not the whole cumulative stack
-(docs/algorithms.md section 3).
+"""The delta downlink of stacked merged factors (FLoRA's cumulative update, FedEx-LoRA's folded residual): a node that
+already holds the merged factors of an earlier round is sent only the rows of MA and columns of MB appended since, not
+the whole cumulative stack (docs/algorithms.md section 3).
 
 Server side, :class:`MergedDownlink` (one per strategy):
 

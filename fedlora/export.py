@@ -1,8 +1,9 @@
 """Export the global result as a plain transformers model: base + update merged, saved with save_pretrained.
 
 The peft adapter (``adapter/``) is the small artefact; this is the one to serve without fedlora or peft:
-``AutoModelForSequenceClassification.from_pretrained(folder)``. Every method's state maps onto it (FLoRA's
-merged factors, Fed-SB's B R A, the head), because the adapters are folded into the base weights.
+``AutoModelForSequenceClassification.from_pretrained(folder)``. Every method's state maps onto it (FLoRA's merged
+factors, FedEx-LoRA's folded residual and adapter, Fed-SB's B R A, the head), because the adapters are folded into
+the base weights.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ so the delta is ``upload - payload`` over all uploaded tensors, and clipping ``p
 is exact. Otherwise the server combines products, so each layer's delta is ``s B A - s B0 A0``, its norm taken
 from thin factors (:func:`fedlora.robust.product_delta_norm`, never a (d_out, d_in) matrix), plus the head's
 delta. A method whose clients start from fresh adapters (FLoRA: B0 = 0) is clipped exactly by scaling B and
-the head's delta; for the others (FlexLoRA, HetLoRA, LoRA-FAIR) no rank-r factor pair has the clipped product,
-so an over-bound update is rejected.
+the head's delta; for the others (FlexLoRA, HetLoRA, LoRA-FAIR, FedEx-LoRA) no rank-r factor pair has the clipped
+product, so an over-bound update is rejected. (FedEx-LoRA's delta is the change of the client's adapter product
+from the global one; the folded residual is part of the base it started from and does not count.)
 
 Median: of the round's claims, and of its non-zero delta norms (a free rider's zero says nothing about the
 scale of honest updates and would pull the bound under them). With 3 or more values the ordinary median; with

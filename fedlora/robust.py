@@ -10,7 +10,7 @@ strategies over the one ArrayRecord every node received, while fedlora sends per
 upload only the roles their method trains, so the strategies do not fit; their helpers (``trim_mean``,
 ``compute_distances``) are a few numpy lines that would drag Flower into this pure module, and
 ``select_multikrum`` assumes each row's own zero sorts first (ties break it), so we keep our own.
-For non-linear methods (FLoRA, FlexLoRA, HetLoRA, LoRA-FAIR) a coordinate-wise rule on factors is
+For non-linear methods (FLoRA, FlexLoRA, HetLoRA, LoRA-FAIR, FedEx-LoRA) a coordinate-wise rule on factors is
 meaningless: ``B A`` is invariant to ``B -> B M, A -> M^-1 A``. There only product norms make sense, see
 :func:`product_delta_norm` (e.g. to clip or screen ``s_k B_k A_k``).
 """

@@ -184,8 +184,9 @@ class LoRAStrategy(Strategy):
         self.history: list[dict] = []  # metrics.jsonl rows so far (checkpointed, restored on resume)
         self._sent: dict[int, list[tuple[Message, int]]] = {}  # train messages of a round and their node
         self._sent_eval: dict[int, list[tuple[Message, int]]] = {}  # evaluate messages of a round and their node
-        # Stacked merged factors (FLoRA): what each node holds, so it is sent only what it lacks; the version each
-        # message of a round carried ((kind, round) -> node -> version) becomes the node's on a successful reply.
+        # Stacked merged factors (FLoRA, FedEx-LoRA): what each node holds, so it is sent only what it lacks; the
+        # version each message of a round carried ((kind, round) -> node -> version) becomes the node's on a
+        # successful reply.
         self.downlink = MergedDownlink() if aggregator.stacked else None
         self._offered: dict[tuple[str, int], dict[int, Version]] = {}
         self.privacy = get_privacy_mode(cfg)  # its server-side hook privatises each round's updates

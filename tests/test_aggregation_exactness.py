@@ -33,12 +33,12 @@ def _setup(method: str, seed: int = 0):
     return agg, state, updates
 
 
-@pytest.mark.parametrize("method", ["ffa", "flora", "fed_sb", "fedsvd"])
+@pytest.mark.parametrize("method", ["ffa", "flora", "fed_sb", "fedsvd", "fedex_lora"])
 def test_exact_methods_score_zero(method):
     agg, state, updates = _setup(method)
     new = agg.aggregate(state, updates)
     assert exactness_error(agg, state, new, updates) < 1e-5
-    # a second round on top of the first (FLoRA compares the increment, not the cumulative merge)
+    # a second round on top of the first (FLoRA and FedEx-LoRA: the old merged factors are the clients' base)
     new2 = agg.aggregate(new, updates)
     assert exactness_error(agg, new, new2, updates) < 1e-5
 

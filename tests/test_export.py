@@ -14,7 +14,7 @@ from fedlora.tasks import get_task
 from tests.conftest import run_local
 
 
-@pytest.mark.parametrize("method", ["fed_sb", "flora"])
+@pytest.mark.parametrize("method", ["fed_sb", "flora", "fedex_lora"])
 def test_merged_model_loads_with_from_pretrained_and_matches(method, tmp_path):
     run_local(tmp_path, **{"method.name": method, "export-merged": True, "num-server-rounds": 1})
     state, _, _ = load_checkpoint(tmp_path)

@@ -1,5 +1,6 @@
 """PEFT export: what save_peft_adapter writes, peft's PeftModel.from_pretrained loads into the same function
-that fedlora computes with load_adapter_state, for LoRA, LoRA-SB (as (B R, A)) and FLoRA's merged factors."""
+that fedlora computes with load_adapter_state, for LoRA, LoRA-SB (as (B R, A)), FLoRA's merged factors and
+FedEx-LoRA's folded residual beside its adapter."""
 
 from __future__ import annotations
 
@@ -130,6 +131,26 @@ def test_peft_loads_flora_merged_factors_with_scaling_one(tmp_path: Path) -> Non
         assert tensors[f"base_model.model.{layer}.lora_B.weight"].shape == (HIDDEN, m)
 
     folder = save_peft_adapter(state, _cfg(), tmp_path / "flora")
+    torch.testing.assert_close(_peft_logits(folder, IDS), ours, rtol=0, atol=1e-5)
+
+
+def test_peft_loads_fedex_residual_and_adapter_as_one_lora(tmp_path: Path) -> None:
+    m = 3  # the folded residual's width; the exported LoRA has rank m + RANK and scaling 1
+    gen = torch.Generator().manual_seed(6)
+    state = {**_lora_state("lora", gen), **_flora_state(gen, m)}
+    ours = _ours("lora", state, IDS)  # the adapter on the base W0 + MB MA
+    without_residual = _ours("lora", {k: v for k, v in state.items() if naming.split(k) is None
+                                      or naming.split(k)[1] in ("A", "B")}, IDS)
+    assert not torch.allclose(ours, without_residual, atol=1e-3)  # dropping either part shows
+    assert not torch.allclose(ours, _ours("lora", _flora_state(torch.Generator().manual_seed(6), m), IDS), atol=1e-3)
+
+    tensors, config = to_peft(state, RANK, ALPHA)
+    layer = LAYERS[0]
+    assert config["rank_pattern"][layer] == m + RANK and config["alpha_pattern"][layer] == float(m + RANK)
+    b = tensors[f"base_model.model.{layer}.lora_B.weight"]
+    torch.testing.assert_close(b[:, m:], ALPHA / RANK * state[naming.key(layer, "B")])
+
+    folder = save_peft_adapter(state, _cfg(), tmp_path / "fedex")
     torch.testing.assert_close(_peft_logits(folder, IDS), ours, rtol=0, atol=1e-5)
 
 

@@ -53,7 +53,7 @@ def test_clipped_updates_bound_one_clients_influence():
         assert update_norm(u, ref) <= 1.0 + 1e-9
 
 
-@pytest.mark.parametrize("method", ["flora", "lora_fair"])
+@pytest.mark.parametrize("method", ["flora", "lora_fair", "fedex_lora"])
 def test_client_level_dp_refuses_nonlinear_methods(method):
     with pytest.raises(ConfigError, match="linear"):
         FedLoraConfig.from_run_config({"privacy.mode": "client", "privacy.noise-multiplier": 1.0,

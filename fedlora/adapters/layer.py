@@ -42,7 +42,7 @@ class LowRankLinear(nn.Module):
         self.lora_B = nn.Linear(rank, d_out, bias=False, device=dev, dtype=dt)
         self.lora_R = nn.Linear(rank, rank, bias=False, device=dev, dtype=dt) if mode == "sb" else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # FLoRA's merged factors on a base that cannot absorb them (quantised): frozen, applied beside it.
+        # Merged factors (FLoRA, FedEx-LoRA) on a base that cannot absorb them (quantised): frozen, applied beside it.
         self.register_buffer("merged_A", None)
         self.register_buffer("merged_B", None)
         self.reset_adapter()

@@ -1,8 +1,9 @@
 """Export a global adapter state in peft's LoRA format (``adapter_model.safetensors`` +
 ``adapter_config.json``), so a run's result loads with ``PeftModel.from_pretrained(base, folder)``.
 
-Every fedlora parameterisation is a LoRA in disguise: LoRA-SB's B R A is the LoRA (B R, A), and FLoRA's
-merged factors are a LoRA of rank m with scaling 1 (alpha = m, through peft's rank/alpha patterns).
+Every fedlora parameterisation is a LoRA in disguise: LoRA-SB's B R A is the LoRA (B R, A), FLoRA's merged
+factors are a LoRA of rank m with scaling 1 (alpha = m, through peft's rank/alpha patterns), and FedEx-LoRA's
+folded residual and adapter together the LoRA ([MB, s B], [MA; A]) of rank m + r with scaling 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def to_peft(state: dict[str, torch.Tensor], rank: int, alpha: float) -> tuple[di
         get = {role: state.get(naming.key(layer, role)) for role in naming.ROLES}
         if get["MA"] is not None:
             a, b = get["MA"], get["MB"]
+            if get["A"] is not None:  # FedEx-LoRA: the folded residual beside the adapter, [MB, s B] @ [MA; A]
+                s = alpha / get["A"].shape[0]
+                a, b = torch.cat([a, get["A"]]), torch.cat([b, s * get["B"]], dim=1)
             if a.shape[0] == 0:
                 continue
             rank_pattern[layer], alpha_pattern[layer] = a.shape[0], float(a.shape[0])  # scaling 1

@@ -44,8 +44,8 @@ def head_names(model: nn.Module) -> list[str]:
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy named tensors into the model.
 
-    A/B/R go into the adapter layers; extras into the matching parameters; FLoRA's merged factors
-    (MA, MB) are ADDED to the wrapped base weight, so call this once on a freshly built model.
+    A/B/R go into the adapter layers; extras into the matching parameters; merged factors (MA, MB: FLoRA,
+    FedEx-LoRA) are ADDED to the wrapped base weight, so call this once on a freshly built model.
     Unknown names or wrong shapes raise, naming the tensor: silent partial loads hide bugs.
     """
     layers = adapter_layers(model)

@@ -5,7 +5,8 @@ every method testable on random tensors in milliseconds and lets the ServerApp s
 
 Global state: an ordered dict of float tensors named as in :mod:`fedlora.naming`. It holds what the server
 must remember between rounds (e.g. A and B for FedIT, R and the frozen A, B for Fed-SB, FLoRA's merged
-factors). What a client receives is derived from it by :meth:`Aggregator.client_payload`.
+factors, FedEx-LoRA's A and B and its folded residual). What a client receives is derived from it by
+:meth:`Aggregator.client_payload`.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Aggregator(ABC):
       heterogeneous_ranks: clients may use different ranks.
       stacked:    the state's merged factors MA (m, d_in) and MB (d_out, m) only grow, by appended rows of MA and
                   columns of MB, until a recompression: a node that holds them is sent only what was appended since
-                  (fedlora.downlink, docs/algorithms.md section 3).
+                  (fedlora.downlink, docs/algorithms.md section 3). Clients add MB @ MA to their base; FLoRA (fresh
+                  adapters, no global A/B) and FedEx-LoRA (global A/B beside its folded residual) are stacked.
       linear:     the new global state is a weighted mean of the uploads (plus constants), so clipping and
                   noising each upload privatises the aggregate (client-level DP) and a secure sum suffices.
       Options:    the method's own knobs, a dataclass whose fields become run-config keys ``method.<field>``

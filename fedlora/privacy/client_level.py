@@ -92,8 +92,10 @@ class ClientLevelDP(PrivacyMode):
             linear = [n for n in available() if aggregator_class(n).linear]
             raise ConfigError(
                 f"privacy.mode='client' with method.name={method.name!r}: client-level DP is exact only for "
-                f"methods whose aggregate is linear in the uploads {linear}; FLoRA and LoRA-FAIR aggregate "
-                "products of uploaded factors. Use one of those methods or privacy.mode='sample'"
+                f"methods whose aggregate is linear in the uploads {linear}; the others aggregate products of "
+                "uploaded factors (FLoRA and FedEx-LoRA also send each client's own factors to every node in "
+                "their merged factors, which no noise on the averages hides). Use one of those methods or "
+                "privacy.mode='sample'"
             )
         if cfg.method.weighting != "uniform":
             raise ConfigError(

@@ -71,7 +71,7 @@ def test_the_accountant_survives_a_supernode_restart(tmp_path):
     assert rows[2]["client_epsilon"]["1000"] == pytest.approx(_eps(n0, 4), abs=1e-6)
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "lora_fair", "fed_sb", "fedsvd", "fedex_lora"])
 def test_dp_sgd_works_with_every_method(method, tmp_path):
     _, rows, summary = run_local(tmp_path, **{"method.name": method, "num-server-rounds": 1,
                                               "privacy.mode": "sample", "privacy.target-epsilon": 4.0})

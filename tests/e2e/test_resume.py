@@ -1,7 +1,8 @@
 """Checkpoint and resume through the real ServerApp/ClientApp (in-process grid): an interrupted run resumed
 with resume=true ends exactly where an uninterrupted one does, with the same metrics history, also when
-the newest checkpoint was torn mid-write; only the last keep-checkpoints files stay. FLoRA's resumed run sends
-each node the cumulative merged factors once (its nodes start with an empty context state), then deltas again."""
+the newest checkpoint was torn mid-write; only the last keep-checkpoints files stay. FLoRA's and FedEx-LoRA's
+resumed runs send each node the cumulative merged factors once (its nodes start with an empty context state), then
+deltas again."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from tests.conftest import RANKS, run_local
 ROUNDS = 4
 # 2 of 3 nodes sampled per round: a resumed run must sample by the absolute round number.
 COMMON = {"fraction-train": 0.67, "train.local-steps": 2, "seed": 3}
-METHOD_OVERRIDES = {"fedit": {}, "flora": {"adapter.ranks": RANKS}, "fedsvd": {}}
+METHOD_OVERRIDES = {"fedit": {}, "flora": {"adapter.ranks": RANKS}, "fedsvd": {}, "fedex_lora": {}}
+STACKED = ("flora", "fedex_lora")  # merged factors with the delta downlink
 # Measured on the machine, not derived from the run: they differ between any two runs.
 TIMING = ("seconds", "aggregate_seconds", "client_usage", "peak_memory_mb", "tokens_per_second")
-# FLoRA's downlink after a resume: the cumulative merged factors once per node, where the straight run sent deltas.
+# Stacked methods' downlink after a resume: the cumulative merged factors once per node (the straight run: deltas).
 DOWNLINK = ("bytes_down", "wire_bytes_down")
 
 
@@ -71,10 +73,10 @@ def test_two_rounds_plus_resume_equal_four_rounds(method, straight, tmp_path):
     assert _same_state(state, s_state) <= 1e-6
     # The whole history (metrics.jsonl and the checkpoint's copy) matches the uninterrupted run's.
     assert [r["round"] for r in rows_b] == list(range(ROUNDS + 1))
-    drop = DOWNLINK if method == "flora" else ()
+    drop = DOWNLINK if method in STACKED else ()
     assert _rows_without_timing(rows_b, drop) == _rows_without_timing(s_rows, drop)
     assert _rows_without_timing(meta["history"], drop) == _rows_without_timing(s_meta["history"], drop)
-    if method == "flora":
+    if method in STACKED:
         _cumulative_once_then_deltas(grid_b, rows_b, s_rows, state_2, tmp_path)
     assert meta["node_rank"] == s_meta["node_rank"] and meta["rng"] == s_meta["rng"]
     assert json.loads((tmp_path / "run.json").read_text())["resumed_from_round"] == 2
@@ -88,6 +90,9 @@ def _cumulative_once_then_deltas(grid, rows, straight_rows, state_2, folder) -> 
         return [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
                 and int(m.content["config"]["server-round"]) == rnd]
 
+    def merged(shapes) -> set[tuple[int, ...]]:
+        return {a for k, a in shapes.items() if (s := naming.split(k)) and s[1] in ("MA", "MB")}
+
     def width(state) -> int:
         (w,) = {t.shape[0] for k, t in state.items() if (s := naming.split(k)) and s[1] == "MA"}
         return w
@@ -97,16 +102,15 @@ def _cumulative_once_then_deltas(grid, rows, straight_rows, state_2, folder) -> 
     assert 0 < w2 < w3
     for msg in train(3):
         assert not any(msg.content["config"]["merged-from"])
-        assert {a for k, a in record_shapes(msg.content["arrays"]).items() if naming.split(k)} == {(w2, 64), (64, w2)}
+        assert merged(record_shapes(msg.content["arrays"])) == {(w2, 64), (64, w2)}
     trained_3 = {m.metadata.dst_node_id for m in train(3)}
     for msg in train(4):
         start = w2 if msg.metadata.dst_node_id in trained_3 else 0
         assert set(msg.content["config"]["merged-from"]) == {start}
-        assert {a for k, a in record_shapes(msg.content["arrays"]).items() if naming.split(k)} == \
-            {(w3 - start, 64), (64, w3 - start)}
+        assert merged(record_shapes(msg.content["arrays"])) == {(w3 - start, 64), (64, w3 - start)}
         held = from_record(grid.contexts[msg.metadata.dst_node_id].state[MERGED_KEY])
-        merged = [k for k in state_3 if (s := naming.split(k)) and s[1] in ("MA", "MB")]
-        assert set(held) == set(merged) and all(torch.equal(held[k], state_3[k]) for k in merged)
+        keys = [k for k in state_3 if (s := naming.split(k)) and s[1] in ("MA", "MB")]
+        assert set(held) == set(keys) and all(torch.equal(held[k], state_3[k]) for k in keys)
     assert {m.metadata.dst_node_id for m in train(4)} & trained_3, "no node gets a delta after the resume"
     for rnd in (3, 4):
         assert rows[rnd]["bytes_down"] == sum(logical_bytes(from_record(m.content["arrays"])) for m in train(rnd))

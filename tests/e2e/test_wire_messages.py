@@ -35,7 +35,10 @@ EXPECTED: dict[str, tuple[set[str], set[str], set[str]]] = {
     "lora_fair": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
     "flexlora": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
     "hetlora": ({"A", "B"}, {"A", "B"}, {"A", "B"}),
+    # FedIT's A, B plus the folded residual's new columns: (nodes - 1) x rank of them per round
+    "fedex_lora": ({"A", "B", "MA", "MB"}, {"A", "B", "MA", "MB"}, {"A", "B"}),
 }
+STACKED = ("flora", "fedex_lora")
 
 
 def wire_size(msg: Message) -> int:
@@ -100,17 +103,18 @@ def test_round_messages_carry_only_what_the_method_needs(method, tmp_path):
         assert reply.metadata.reply_to_message_id == msg.metadata.message_id and not reply.has_error()
         rnd, nid, kind = int(msg.content["config"]["server-round"]), msg.metadata.dst_node_id, msg.metadata.message_type
         where = f"{method} round {rnd} {kind} node {nid}"
-        stacked = sum(node_rank.values())  # FLoRA's merged factors grow by every client's rank per round
+        # FLoRA's merged factors grow by every client's rank per round, FedEx-LoRA's by all but one's
+        stacked = sum(node_rank.values()) if method == "flora" else (NODES - 1) * RANK
         counts = per_round[rnd]
         if kind == MessageType.TRAIN:
             # The global rank; with per-client ranks, the node's own once the server has seen its first reply.
             payload_rank = int(msg.content["config"]["payload-rank"])
             assert payload_rank == (node_rank[nid] if hetero and rnd > 1 else 0), where
             sent_rank = payload_rank or RANK
-            # FLoRA sends only the merged columns a node lacks: every node evaluated the previous round's factors,
-            # so its train message carries none (the head only); round 1's are empty anyway.
+            # FLoRA, FedEx-LoRA send only the merged columns a node lacks: every node evaluated the last factors,
+            # so its train message carries none (FLoRA: the head only); round 1's are empty anyway.
             check_tensors(shapes(msg), down1 if rnd == 1 else down2, sent_rank, 0, where + " down")
-            if method == "flora":
+            if method in STACKED:
                 assert list(msg.content["config"]["merged-from"]) == [(rnd - 1) * stacked] * len(LAYERS), where
             check_tensors(shapes(reply), up, node_rank[nid], 0, where + " up")
             assert set(reply.content.keys()) == {"arrays", "metrics"}, where
@@ -124,7 +128,7 @@ def test_round_messages_carry_only_what_the_method_needs(method, tmp_path):
             # FLoRA: the columns stacked in this round only, appended to those the node held since its train message.
             eval_roles = {"MA", "MB"} if method == "flora" else down2
             check_tensors(shapes(msg), eval_roles, RANK, stacked, where + " down")
-            if method == "flora":
+            if method in STACKED:
                 assert list(msg.content["config"]["merged-from"]) == [(rnd - 1) * stacked] * len(LAYERS), where
             assert set(reply.content.keys()) == {"metrics"}, f"{where}: evaluation sent back {list(reply.content)}"
             counts["eval_bytes_down"] += payload_bytes(msg)
