@@ -10,8 +10,8 @@ Round t (absolute, 1-based: the train message's ``server-round``):
 Every client multiplies by the same frozen factor, so each round's global update equals the weighted mean of the
 clients' s B_k A_k exactly (as FFA-LoRA), with one factor up per round (about half FedIT's uplink), and unlike
 FFA-LoRA the subspace A moves. B goes first: with peft's init B = 0 the gradient of A (s B^T dL/dh x^T) is zero,
-so an A round first would be wasted (the paper's Algorithm 1 also updates B before A in each of its rounds; one
-of its rounds is two fedlora rounds here). The task head (extras) trains and is averaged every round, as in
+so an A round first would be wasted (the paper's own order and round count are UNCONFIRMED: docs/algorithms.md
+section 15). The task head (extras) trains and is averaged every round, as in
 every fedlora method. Clients start every round with a fresh optimizer, so no moments of the other factor carry
 over.
 
