@@ -18,6 +18,8 @@ from fedlora.aggregation import AggregatorConfig, ClientUpdate, get_aggregator
 from fedlora.aggregation.exactness import exactness_error
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import FedLoraConfig
+from fedlora.influence import bound_norms
+from fedlora.robust import RobustConfig, robust_combine
 from fedlora.wire import InvalidUpdate, decode_update, from_record, logical_bytes, record_shapes, to_record
 from tests.conftest import FAST, run_local
 
@@ -98,6 +100,26 @@ def test_wrong_factor_is_rejected_by_validation_and_by_aggregate() -> None:
     for mixed in ([b_round[0], a_round[1]], [both]):
         with pytest.raises(ValueError, match="the same one factor"):
             agg.aggregate(state, mixed)
+
+
+def test_influence_bounds_and_robust_rules_work_on_the_rounds_upload_set() -> None:
+    """linear = True: the default bounds clip an A round's outlier exactly and a median over the A uploads
+    aggregates with B kept."""
+    gen = torch.Generator().manual_seed(3)
+    agg = get_aggregator("rolora", AggregatorConfig(rank=R, alpha=ALPHA))
+    state = _state(gen)
+    updates = _updates(agg, state, 2, gen)
+    outlier = updates[0]
+    outlier.tensors = {k: state[k] + 5 * (v - state[k]) for k, v in outlier.tensors.items()}
+    payloads = {u.client_id: agg.client_payload(state, R) for u in updates}
+    kept, clipped, rejected, _ = bound_norms(agg, payloads, updates, RobustConfig())
+    assert not rejected and len(clipped) == 1 and "node 0" in clipped[0] and len(kept) == 3
+    reference = {k: state[k] for k in kept[0].tensors}
+    result = robust_combine(reference, kept, agg.weights(kept), RobustConfig(rule="median"))
+    new = agg.aggregate(state, result.updates)
+    for layer in SHAPES:
+        ka, kb = naming.key(layer, "A"), naming.key(layer, "B")
+        assert torch.equal(new[kb], state[kb]) and not torch.equal(new[ka], state[ka])
 
 
 # -- end to end: ServerApp + ClientApp on the in-process grid -------------------------------------------------
