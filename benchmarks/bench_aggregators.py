@@ -147,7 +147,7 @@ def build(cell: Cell):
         tensors = {}
         for layer in layers:
             dims = {"A": (rk, d), "B": (d, rk), "R": (r, r)}
-            for role in agg.uploads:
+            for role in agg.round_uploads(1):  # RoLoRA: a B round (its A rounds cost the same at square shapes)
                 tensors[naming.key(layer, role)] = draw(*dims[role])
         tensors.update({n: t + draw(*t.shape) for n, t in state.items() if naming.is_extra(n)})
         updates.append(ClientUpdate(k, tensors, 100 + 10 * k, rk))

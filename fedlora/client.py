@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.accel import autocast, metered, to_device
-from fedlora.adapters import adapter_state, load_adapter_state, reset_adapters
+from fedlora.adapters import adapter_state, load_adapter_state, reset_adapters, set_trainable
 from fedlora.aggregation import Aggregator
 from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
@@ -53,10 +53,12 @@ def fit(
     if agg.fresh_each_round:
         reset_adapters(model, torch.Generator().manual_seed(seed))
     load_adapter_state(model, payload)
+    set_trainable(model, agg.trainable(server_round))  # the mode's factors, or this round's (RoLoRA alternates)
     with metered(task.device) as usage:
         metrics, privacy_state = privacy.client_train(task, model, data, seed, privacy_state)
     metrics.update(rank=float(rank), fit_seconds=time.perf_counter() - t0, **usage.metrics())
-    return ClientResult(adapter_state(model, roles=agg.uploads, extras=True), data[0], metrics, privacy_state)
+    return ClientResult(adapter_state(model, roles=agg.round_uploads(server_round), extras=True), data[0], metrics,
+                        privacy_state)
 
 
 def evaluate_client(

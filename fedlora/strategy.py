@@ -452,7 +452,7 @@ class LoRAStrategy(Strategy):
             self.agg.check_rank(rank)
         except ValueError as e:
             raise InvalidUpdate(str(e)) from None
-        tensors = decode_update(record, self.agg.expected_upload(self.state, rank), self.limits)
+        tensors = decode_update(record, self.agg.expected_upload(self.state, rank, stats.round), self.limits)
         return _Reply(ClientUpdate(node, tensors, n, rank), loss, epsilon, reported_usage(metrics),
                       _reported_wire_error(metrics))
 

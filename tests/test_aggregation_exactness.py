@@ -27,13 +27,13 @@ def _setup(method: str, seed: int = 0):
         tensors = {"classifier.weight": torch.randn(3, 8, generator=gen)}
         for layer, (d_out, d_in) in SHAPES.items():
             dims = {"A": (R, d_in), "B": (d_out, R), "R": (R, R)}
-            for role in agg.uploads:
+            for role in agg.round_uploads(1):
                 tensors[naming.key(layer, role)] = torch.randn(*dims[role], generator=gen)
         updates.append(ClientUpdate(k, tensors, 10 * (k + 1), R))
     return agg, state, updates
 
 
-@pytest.mark.parametrize("method", ["ffa", "flora", "fed_sb", "fedsvd", "fedex_lora"])
+@pytest.mark.parametrize("method", ["ffa", "flora", "fed_sb", "fedsvd", "fedex_lora", "rolora"])
 def test_exact_methods_score_zero(method):
     agg, state, updates = _setup(method)
     new = agg.aggregate(state, updates)

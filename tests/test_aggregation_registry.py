@@ -16,6 +16,7 @@ METHODS = {  # name -> (mode, uploads, frozen, heterogeneous ranks)
     "fed_sb": ("sb", ("R",), ("A", "B"), False),
     "fedsvd": ("ffa", ("B",), (), False),
     "fedex_lora": ("lora", ("A", "B"), (), False),
+    "rolora": ("lora", ("B", "A"), (), False),  # B in odd rounds, A in even ones (round_uploads)
 }
 
 
@@ -66,7 +67,7 @@ def test_every_method_runs_one_round_end_to_end(name: str) -> None:
     agg.client_payload(state, rank)
     updates = []
     for cid, n in enumerate((3, 5, 8)):
-        tensors = {k: torch.randn(s, generator=gen) for k, s in agg.expected_upload(state, rank).items()}
+        tensors = {k: torch.randn(s, generator=gen) for k, s in agg.expected_upload(state, rank, 1).items()}
         updates.append(ClientUpdate(client_id=cid, tensors=tensors, num_examples=n, rank=rank))
     new = agg.aggregate(state, updates)
     assert set(new) == set(state)

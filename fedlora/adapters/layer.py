@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 MODES = ("lora", "ffa", "sb")
+TRAINABLE = {"lora": ("A", "B"), "ffa": ("B",), "sb": ("R",)}  # roles each mode trains (by default: every round)
 
 
 class LowRankLinear(nn.Module):
@@ -75,12 +76,17 @@ class LowRankLinear(nn.Module):
             if self.lora_R is not None:
                 self.lora_R.weight.zero_()
 
-    def set_trainable(self) -> None:
-        trainable = {"lora": ("lora_A", "lora_B"), "ffa": ("lora_B",), "sb": ("lora_R",)}[self.mode]
-        for name in ("lora_A", "lora_B", "lora_R"):
-            mod = getattr(self, name)
+    def set_trainable(self, roles: tuple[str, ...] | None = None) -> None:
+        """Train the factors of ``roles`` (default: those of the mode) and freeze the others; a role this layer
+        lacks (R outside mode "sb") raises. RoLoRA alternates ("B",) and ("A",) on a "lora" layer."""
+        roles = TRAINABLE[self.mode] if roles is None else roles
+        missing = [r for r in roles if getattr(self, f"lora_{r}", None) is None]
+        if missing:
+            raise ValueError(f"cannot train {missing} of a mode={self.mode!r} adapter layer (it has no such factor)")
+        for role in ("A", "B", "R"):
+            mod = getattr(self, f"lora_{role}")
             if mod is not None:
-                mod.weight.requires_grad_(name in trainable)
+                mod.weight.requires_grad_(role in roles)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B (R) A, the dense update (d_out, d_in); only for merging, never for the wire."""

@@ -99,6 +99,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_trainable(model: nn.Module, roles: Iterable[str]) -> None:
+    """Train only the adapter factors of ``roles`` in every adapted layer (the head is left as it is)."""
+    roles = tuple(roles)
+    for layer in adapter_layers(model).values():
+        assert isinstance(layer, LowRankLinear)
+        layer.set_trainable(roles)
+
+
 def reset_adapters(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Fresh peft-style init (A random, B = 0) in every adapted layer; FLoRA clients do this each round."""
     for layer in adapter_layers(model).values():

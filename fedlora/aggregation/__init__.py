@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fedlora.aggregation.flexlora  # noqa: F401  (register)
 import fedlora.aggregation.hetlora  # noqa: F401  (register)
-from fedlora.aggregation import fed_sb, fedex_lora, fedit, fedsvd, ffa, flora, lora_fair  # noqa: F401  (register)
+from fedlora.aggregation import fed_sb, fedex_lora, fedit, fedsvd, ffa, flora, lora_fair, rolora  # noqa: F401
 from fedlora.aggregation.base import (
     Aggregator,
     AggregatorConfig,

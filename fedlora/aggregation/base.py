@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedlora import naming
+from fedlora.adapters.layer import TRAINABLE
 
 
 @dataclass
@@ -91,6 +92,9 @@ class Aggregator(ABC):
                   adapters, no global A/B) and FedEx-LoRA (global A/B beside its folded residual) are stacked.
       linear:     the new global state is a weighted mean of the uploads (plus constants), so clipping and
                   noising each upload privatises the aggregate (client-level DP) and a secure sum suffices.
+      Per round, :meth:`trainable` says which factors clients train in round t (default: the mode's, every
+      round; RoLoRA alternates B and A) and :meth:`round_uploads` which of ``uploads`` they send and the server
+      validates (those of ``uploads`` that trained in t).
       Options:    the method's own knobs, a dataclass whose fields become run-config keys ``method.<field>``
                   (field names carry the method's prefix, e.g. ``fair_lambda``, so keys never clash).
     """
@@ -155,8 +159,22 @@ class Aggregator(ABC):
             raise ValueError("client updates report num_examples=0 in total; cannot weight them")
         return [u.num_examples / total for u in updates]
 
-    def expected_upload(self, state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes a client of rank ``rank`` must upload (used to validate updates)."""
+    def trainable(self, server_round: int) -> tuple[str, ...]:
+        """Adapter roles clients train in ``server_round`` (1-based and absolute, as the train message's
+        ``server-round``, so a resumed run keeps the schedule); the other factors stay as received. Default: the
+        mode's roles, every round."""
+        return TRAINABLE[self.mode]
+
+    def round_uploads(self, server_round: int) -> tuple[str, ...]:
+        """Roles clients upload in ``server_round``: those of ``uploads`` that trained in that round."""
+        trained = self.trainable(server_round)
+        return tuple(r for r in self.uploads if r in trained)
+
+    def expected_upload(self, state: dict[str, torch.Tensor], rank: int, server_round: int | None = None
+                        ) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a client of rank ``rank`` must upload in ``server_round`` (used to validate updates;
+        None: every role of ``uploads``, for methods whose upload does not depend on the round)."""
+        roles = self.uploads if server_round is None else self.round_uploads(server_round)
         shapes: dict[str, tuple[int, ...]] = {}
         for name, t in state.items():
             s = naming.split(name)
@@ -164,7 +182,7 @@ class Aggregator(ABC):
                 shapes[name] = tuple(t.shape)
         for layer, (d_out, d_in) in self.layer_dims(state).items():
             dims = {"A": (rank, d_in), "B": (d_out, rank), "R": (rank, rank)}
-            for role in self.uploads:
+            for role in roles:
                 shapes[naming.key(layer, role)] = dims[role]
         return shapes
 
