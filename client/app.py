@@ -1,8 +1,8 @@
 """The Flower ClientApp: decode the payload, train or evaluate with fedlora, send back adapter tensors only.
 
 Per-client state that must outlive a round (the method's frozen factors, which the server sends once; FLoRA's
-and FedEx-LoRA's cumulative merged factors, onto which the server sends only each round's new stack) lives in
-``context.state``: in deployment every message runs in a fresh process, so globals would be lost.
+and FedEx-LoRA's cumulative merged factors, onto which the server sends only each round's new stack; FedSA-LoRA's
+own B) lives in ``context.state``: in deployment every message runs in a fresh process, so globals would be lost.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ FROZEN_KEY = "fedlora.frozen"
 PRIVACY_KEY = "fedlora.privacy"
 MERGED_KEY = "fedlora.merged"  # ArrayRecord: the cumulative merged factors this node holds (FLoRA, FedEx-LoRA)
 MERGED_GENERATION_KEY = "fedlora.merged-generation"  # ConfigRecord: their generation per layer
+PERSONAL_KEY = "fedlora.personal"  # ArrayRecord: the tensors this client keeps as its own (FedSA-LoRA's B)
 
 
 def with_frozen(payload: dict[str, torch.Tensor], agg: Aggregator, context: Context) -> dict[str, torch.Tensor]:
@@ -62,6 +63,41 @@ def with_merged(payload: dict[str, torch.Tensor], config: ConfigRecord, context:
     context.state[MERGED_GENERATION_KEY] = ConfigRecord({"layers": list(now_generation),
                                                          "generation": list(now_generation.values())})
     return full
+
+
+def with_personal(payload: dict[str, torch.Tensor], agg: Aggregator, cfg: FedLoraConfig, context: Context,
+                  partition_id: int) -> dict[str, torch.Tensor]:
+    """The payload plus this client's own tensors (Aggregator.personal, FedSA-LoRA's B): from the context state,
+    else from its state file (a restarted SuperNode), else none (the model's initial values, B = 0)."""
+    if not agg.personal:
+        return payload
+    if PERSONAL_KEY in context.state:
+        return {**payload, **from_record(context.state[PERSONAL_KEY])}
+    path = _personal_file(cfg, partition_id)
+    if path is not None and path.exists():
+        from safetensors.torch import load_file
+
+        return {**payload, **load_file(str(path))}
+    return payload
+
+
+def save_personal(cfg: FedLoraConfig, context: Context, partition_id: int, tensors: dict[str, torch.Tensor]) -> None:
+    context.state[PERSONAL_KEY] = to_record(tensors)
+    path = _personal_file(cfg, partition_id)
+    if path is not None:  # written to a temporary name, then renamed: a crash leaves the old file or the new one
+        import os
+
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
+def _personal_file(cfg: FedLoraConfig, partition_id: int) -> Path | None:
+    folder = getattr(cfg.method, "fedsa_state_dir", "")
+    return Path(folder).expanduser() / f"personal-partition-{partition_id}.safetensors" if folder else None
 
 
 def load_privacy_state(cfg: FedLoraConfig, context: Context, partition_id: int) -> dict | None:
@@ -118,6 +154,7 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             payload = with_merged(payload, msg.content["config"], context)
         except MergedStateLost as e:  # never train on a wrong base: the server resends the cumulative factors
             return Message(Error(code=MERGED_STATE_LOST, reason=str(e)), reply_to=msg)
+        payload = with_personal(payload, agg, cfg, context, pid)
         rank = cfg.adapter.rank_for(pid)
         if agg.heterogeneous_ranks and int(msg.content["config"].get("payload-rank", 0)) != rank:
             payload = agg.client_payload(payload, rank)  # the server sent the global state: cut it to our rank
@@ -130,6 +167,8 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             return Message(Error(code=NON_FINITE_LOSS, reason=str(e)), reply_to=msg)
         if res.privacy_state is not None:
             save_privacy_state(cfg, context, pid, res.privacy_state)
+        if res.personal is not None:
+            save_personal(cfg, context, pid, res.personal)
         record = to_record(res.tensors, cfg.wire.upload)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
         if cfg.wire.upload != "float32":
@@ -145,7 +184,7 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             payload = with_merged(payload, msg.content["config"], context)
         except MergedStateLost as e:
             return Message(Error(code=MERGED_STATE_LOST, reason=str(e)), reply_to=msg)
-        res = evaluate_client(cfg, payload, pid, n, agg)
+        res = evaluate_client(cfg, with_personal(payload, agg, cfg, context, pid), pid, n, agg)
         metrics = MetricRecord({**res.metrics, "num-examples": res.num_examples})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -26,6 +26,7 @@ class ClientResult:
     num_examples: int
     metrics: dict[str, float]
     privacy_state: dict | None = None  # the client's privacy state after this round (e.g. its DP accountant)
+    personal: OrderedDict[str, torch.Tensor] | None = None  # tensors the client keeps (Aggregator.personal)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -57,15 +58,17 @@ def fit(
     with metered(task.device) as usage:
         metrics, privacy_state = privacy.client_train(task, model, data, seed, privacy_state)
     metrics.update(rank=float(rank), fit_seconds=time.perf_counter() - t0, **usage.metrics())
+    personal = adapter_state(model, roles=agg.personal, extras=False) if agg.personal else None
     return ClientResult(adapter_state(model, roles=agg.round_uploads(server_round), extras=True), data[0], metrics,
-                        privacy_state)
+                        privacy_state, personal)
 
 
 def evaluate_client(
     cfg: FedLoraConfig, payload: dict[str, torch.Tensor], partition_id: int, num_partitions: int,
     aggregator: Aggregator | None = None,
 ) -> ClientResult:
-    """Federated evaluation: the global adapter on this client's share of the test split."""
+    """Federated evaluation: the global adapter (with the client's own tensors where the method keeps some:
+    its personalised model) on this client's share of the test split."""
     task, agg = get_task(cfg), aggregator or make_aggregator(cfg)
     # The global adapter has the global rank (FLoRA's payload holds only merged factors: any rank works).
     model = task.build_model(agg.mode, cfg.adapter.rank)

@@ -74,6 +74,8 @@ class RoundStats:
     train_loss: float | None = None
     fed_loss: float | None = None
     fed_accuracy: float | None = None
+    client_accuracy: dict[str, float] = field(default_factory=dict)  # node -> its federated-evaluation accuracy
+    client_accuracy_mean: float | None = None  # their unweighted mean (FedSA-LoRA: the personalised accuracy)
     global_loss: float | None = None
     global_accuracy: float | None = None
     exhausted: list[str] = field(default_factory=list)
@@ -405,7 +407,8 @@ class LoRAStrategy(Strategy):
         # The meter measures the method's aggregation of what arrived; a server optimiser moves away from it on
         # purpose, so its exactness is that of the plain aggregate.
         plain = self.state if stepped is updates else self.agg.aggregate(old, updates)
-        stats.exactness = exactness_error(self.agg, old, plain, updates)
+        # A personalised method has no one global model to compare with the clients' (each keeps its own B).
+        stats.exactness = None if self.agg.personal else exactness_error(self.agg, old, plain, updates)
         return to_record(self.state), MetricRecord({"train_loss": stats.train_loss, "clients": len(updates)})
 
     def _bound(self, updates: list[ClientUpdate], stats: RoundStats) -> list[ClientUpdate]:
@@ -487,6 +490,7 @@ class LoRAStrategy(Strategy):
                             node, e)
                 continue
             rows.append(row)
+            stats.client_accuracy[str(node)] = row[1]
             if self.downlink is not None and node in offered:
                 self.downlink.record(node, offered[node])  # it evaluated on them: it holds them now
         n = sum(w for *_, w in rows)
@@ -494,6 +498,7 @@ class LoRAStrategy(Strategy):
             return None
         stats.fed_loss = sum(loss * w for loss, _, w in rows) / n
         stats.fed_accuracy = sum(a * w for _, a, w in rows) / n
+        stats.client_accuracy_mean = sum(a for _, a, _ in rows) / len(rows)
         return MetricRecord({"loss": stats.fed_loss, "accuracy": stats.fed_accuracy})
 
     def finish_round(self, server_round: int, global_metrics: dict[str, float] | None) -> None:

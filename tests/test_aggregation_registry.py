@@ -17,6 +17,7 @@ METHODS = {  # name -> (mode, uploads, frozen, heterogeneous ranks)
     "fedsvd": ("ffa", ("B",), (), False),
     "fedex_lora": ("lora", ("A", "B"), (), False),
     "rolora": ("lora", ("B", "A"), (), False),  # B in odd rounds, A in even ones (round_uploads)
+    "fedsa_lora": ("lora", ("A",), (), False),  # B is personal (Aggregator.personal)
 }
 
 

@@ -33,7 +33,8 @@ def test_registry_and_unknown_mode() -> None:
 
 def test_client_level_dp_follows_the_methods_linear_attribute(monkeypatch) -> None:
     client = {"privacy.mode": "client", "privacy.noise-multiplier": 1.0, "method.weighting": "uniform"}
-    with pytest.raises(ConfigError, match=r"linear in the uploads \['fed_sb', 'fedit', 'fedsvd', 'ffa', 'rolora'\]"):
+    linear = r"linear in the uploads \['fed_sb', 'fedit', 'fedsa_lora', 'fedsvd', 'ffa', 'rolora'\]"
+    with pytest.raises(ConfigError, match=linear):
         FedLoraConfig.from_run_config({**client, "method.name": "lora_fair"})
     monkeypatch.setattr(aggregation_base, "_REGISTRY", dict(aggregation_base._REGISTRY))
 

@@ -5,6 +5,7 @@ Importing this package imports every method module so that :func:`get_aggregator
 
 from __future__ import annotations
 
+import fedlora.aggregation.fedsa_lora  # noqa: F401  (register)
 import fedlora.aggregation.flexlora  # noqa: F401  (register)
 import fedlora.aggregation.hetlora  # noqa: F401  (register)
 from fedlora.aggregation import fed_sb, fedex_lora, fedit, fedsvd, ffa, flora, lora_fair, rolora  # noqa: F401

@@ -84,6 +84,8 @@ class Aggregator(ABC):
       mode:       adapter parameterisation clients train ("lora": B A; "ffa": B with A frozen; "sb": R only).
       uploads:    roles a client sends up (subset of "A", "B", "R"); extras (the head) always go up.
       frozen:     roles constant for the whole run: sent to a client once, then cached in its context state.
+      personal:   roles each client trains and keeps as its own (FedSA-LoRA's B): never uploaded nor sent, held in
+                  the node's context state (and a state file); the server keeps their initial value.
       fresh_each_round: clients start every round from a freshly initialised adapter of their own rank.
       heterogeneous_ranks: clients may use different ranks.
       stacked:    the state's merged factors MA (m, d_in) and MB (d_out, m) only grow, by appended rows of MA and
@@ -103,6 +105,7 @@ class Aggregator(ABC):
     mode: ClassVar[str]
     uploads: ClassVar[tuple[str, ...]]
     frozen: ClassVar[tuple[str, ...]] = ()
+    personal: ClassVar[tuple[str, ...]] = ()
     fresh_each_round: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
     stacked: ClassVar[bool] = False
