@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedlora.raycluster import ENV as RAY_ADDRESS_ENV
+from fedlora.raycluster import LOCAL as RAY_LOCAL
 from fedlora.raycluster import RayCluster, cpus_per_client
 
 CONNECTION = "fedlora"  # the SuperLink connection's name in the private $FLWR_HOME/config.toml
@@ -230,7 +231,7 @@ class LocalSuperLink:
     started and deletes the folder.
 
     ``ray_address``: the simulation joins that Ray cluster (``RAY_ADDRESS`` in the SuperLink's environment, which
-    flwr-simulation inherits); else ``RAY_ADDRESS`` is removed and the simulation starts a private Ray. The
+    flwr-simulation inherits); else ``RAY_ADDRESS=local`` and the simulation starts a private Ray. The
     cluster's processes are not the SuperLink's (its raylets started them, without fedlora's marker), so stopping
     leaves them running; the run's actors end with its driver, flwr-simulation."""
 
@@ -262,10 +263,9 @@ class LocalSuperLink:
             # On a cluster both variables reach the driver (the ServerApp) only: the workers have the environment
             # of their node's `ray start` (run_simulation_app pins their train.device instead; note 13).
             env["CUDA_VISIBLE_DEVICES"] = ""
-        if self.ray_address:
-            env[RAY_ADDRESS_ENV] = self.ray_address
-        else:
-            env.pop(RAY_ADDRESS_ENV, None)
+        # The cluster to join, or Ray's "local": a private Ray even where `ray start` ran on this machine, whose
+        # address file a plain ray.init() would join (and then refuse init-args-num-cpus; note 13).
+        env[RAY_ADDRESS_ENV] = self.ray_address or RAY_LOCAL
         if not self.verbose:
             env["FLWR_LOG_LEVEL"] = "WARNING"  # Flower's INFO lines (server, clients, CLI) stay out of the way
         return env
