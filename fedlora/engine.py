@@ -88,7 +88,7 @@ def simulation_federation_config(num_clients: int, parallel: int, cpu_count: int
 
     On an existing ``cluster`` the CPUs per client are the most at which that many clients fit on its nodes
     (:func:`fedlora.raycluster.cpus_per_client`), and ``init-args-num-cpus`` is left out: Ray refuses it when
-    joining a cluster (docs/flower-notes.md note 13)."""
+    joining a cluster (docs/flower-notes.md note 14)."""
     want = min(num_clients, parallel)
     node_cpus = cluster.node_cpus if cluster is not None else (cpu_count or os.cpu_count() or 1,)
     fed: dict[str, Any] = {"num-supernodes": num_clients,
@@ -103,7 +103,7 @@ def cluster_run_config(run_config: dict[str, Any], cluster: RayCluster | None,
                        gpus_per_client: float) -> dict[str, Any]:
     """On a cluster without ``--gpus-per-client``, ``train.device=auto`` becomes ``cpu``: the clients train on
     the CPU as they do on a private Ray, where the engine hides the GPUs; a cluster's workers show or hide their
-    node's GPUs as that node's ``ray start`` environment says, which fedlora does not control (note 13)."""
+    node's GPUs as that node's ``ray start`` environment says, which fedlora does not control (note 14)."""
     if cluster is None or gpus_per_client > 0 or run_config.get("train.device", "auto") != "auto":
         return run_config
     return {**run_config, "train.device": "cpu"}
@@ -261,10 +261,10 @@ class LocalSuperLink:
             # ray (with the variable above) no longer hides GPUs from clients given none: without --gpus-per-client
             # the whole simulation (server included) trains on the CPU, never several clients unplanned on one GPU.
             # On a cluster both variables reach the driver (the ServerApp) only: the workers have the environment
-            # of their node's `ray start` (run_simulation_app pins their train.device instead; note 13).
+            # of their node's `ray start` (run_simulation_app pins their train.device instead; note 14).
             env["CUDA_VISIBLE_DEVICES"] = ""
         # The cluster to join, or Ray's "local": a private Ray even where `ray start` ran on this machine, whose
-        # address file a plain ray.init() would join (and then refuse init-args-num-cpus; note 13).
+        # address file a plain ray.init() would join (and then refuse init-args-num-cpus; note 14).
         env[RAY_ADDRESS_ENV] = self.ray_address or RAY_LOCAL
         if not self.verbose:
             env["FLWR_LOG_LEVEL"] = "WARNING"  # Flower's INFO lines (server, clients, CLI) stay out of the way

@@ -1,7 +1,7 @@
 """An existing Ray cluster as the backend of ``fedlora run``'s simulation (``--ray-address``, or ``RAY_ADDRESS``).
 
 Flower's Ray backend calls ``ray.init(**init_args)``, and ``RAY_ADDRESS`` in its environment makes that call join
-the cluster instead of starting a private Ray; Ray then refuses ``num_cpus`` (docs/flower-notes.md note 13). So
+the cluster instead of starting a private Ray; Ray then refuses ``num_cpus`` (docs/flower-notes.md note 14). So
 the engine puts the address into its SuperLink's environment and leaves ``init-args-num-cpus`` out. Before anything
 starts, :func:`connect` checks the address and reads the nodes' CPUs and GPUs, which size each client's share the
 way Flower sizes its actor pool (per node), and fails with one line naming the flag and the fix.

@@ -31,7 +31,7 @@ def test_cpus_per_client_fit_the_clients_on_the_nodes(node_cpus, at_once, expect
 
 
 def test_federation_config_on_a_cluster_leaves_out_ray_init_cpus():
-    """Ray refuses num_cpus when joining a cluster (docs/flower-notes.md note 13)."""
+    """Ray refuses num_cpus when joining a cluster (docs/flower-notes.md note 14)."""
     from flwr.supercore.utils import simulation_config_from_json
 
     cluster = RayCluster("10.0.0.1:6379", (8, 3), (1.0, 0.0))
