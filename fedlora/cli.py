@@ -5,6 +5,7 @@ aggregators and every run-config key with its default.
 
 ``fedlora run`` starts a private local Flower SuperLink in simulation mode (ray), submits the same ServerApp and
 ClientApp that ``flwr run .`` uses, streams the run's log and stops the SuperLink afterwards (fedlora/engine.py);
+``--ray-address`` runs the clients on an existing Ray cluster instead of a private Ray (fedlora/raycluster.py);
 ``--engine inprocess`` swaps Flower's runtime for an in-process grid (fast, for debugging).
 """
 
@@ -79,16 +80,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-clients {args.num_clients} must be >= 1")
     if args.parallel < 1:
         raise ConfigError(f"--parallel {args.parallel} must be >= 1")
-    check_gpus_per_client(args.gpus_per_client, args.engine, cfg.train.device)
+    address, source = ray_address(args)
+    check_gpus_per_client(args.gpus_per_client, args.engine, cfg.train.device, on_cluster=address is not None)
     preflight(cfg, args.num_clients)  # data that cannot be split: ConfigError (exit status 2) before any engine starts
     run_config = cfg.to_run_config()
     if args.engine == "inprocess":
         return run_inprocess(run_config, args)
-    from fedlora import engine
+    from fedlora import engine, raycluster
 
+    cluster = None
+    if address is not None:  # reachable, and its nodes' CPUs / GPUs, before any engine starts (exit status 2)
+        cluster = raycluster.connect(address, source)
+        raycluster.check_gpus(cluster, args.gpus_per_client)
+        per_client = raycluster.cpus_per_client(cluster.node_cpus, min(args.num_clients, args.parallel))
+        print(f"fedlora: {cluster.describe(per_client)}", flush=True)
     try:
         result = engine.run_simulation_app(run_config, FedLoraConfig().to_run_config(), args.num_clients,
-                                           args.parallel, verbose=args.verbose, gpus_per_client=args.gpus_per_client)
+                                           args.parallel, verbose=args.verbose, gpus_per_client=args.gpus_per_client,
+                                           cluster=cluster)
     except engine.EngineError as e:
         print(f"fedlora: could not run the simulation: {e}", file=sys.stderr)
         return 1
@@ -102,9 +111,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
-def check_gpus_per_client(fraction: float, engine: str, device: str = "auto") -> None:
-    """--gpus-per-client: a share of one GPU in (0, 1], or a whole number of GPUs; only where a GPU is visible.
-    Without it a ray simulation sees no GPU (fedlora.engine), so train.device=cuda there needs it."""
+def ray_address(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The Ray cluster to run on (fedlora/raycluster.py): ``--ray-address``, else ``RAY_ADDRESS`` (Ray's own
+    variable, also set in a Ray job's entrypoint); None: a private Ray. The in-process engine has no Ray, so the
+    flag is an error there and the variable is ignored."""
+    from fedlora.raycluster import resolve_address
+
+    flag = getattr(args, "ray_address", None)
+    if args.engine != "simulation":
+        if flag is not None:
+            raise ConfigError(f"--ray-address applies to --engine simulation (ray); --engine {args.engine} has no "
+                              "ray: drop the flag")
+        return None, ""
+    return resolve_address(flag)
+
+
+def check_gpus_per_client(fraction: float, engine: str, device: str = "auto", on_cluster: bool = False) -> None:
+    """--gpus-per-client: a share of one GPU in (0, 1], or a whole number of GPUs; only where a GPU is visible
+    (here, or on a Ray cluster's nodes: fedlora.raycluster.check_gpus asks them). Without it a ray simulation sees
+    no GPU (fedlora.engine), so train.device=cuda there needs it."""
     if fraction == 0:
         if engine == "simulation" and device.startswith("cuda"):
             raise ConfigError(f"train.device={device!r} in a ray simulation needs GPUs for the clients: add "
@@ -116,6 +141,8 @@ def check_gpus_per_client(fraction: float, engine: str, device: str = "auto") ->
     if engine != "simulation":
         raise ConfigError(f"--gpus-per-client applies to --engine simulation (ray); --engine {engine} trains on "
                           "train.device directly")
+    if on_cluster:
+        return
     import torch
 
     if not torch.cuda.is_available():
@@ -182,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation")
     run.add_argument("--gpus-per-client", type=float, default=0.0, metavar="F",
                      help="simulation: each client holds F of a GPU (0.25 = four per GPU; client-resources-num-gpus)")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="simulation: run on this existing Ray cluster (its head's address from `ray start --head`; "
+                          "auto: the latest on this machine; default $RAY_ADDRESS; local: a private Ray)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own INFO logs and full tracebacks")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. adapter.rank=4")
     run.set_defaults(func=cmd_run)

@@ -8,13 +8,15 @@ What ``flwr run . <connection>`` does with a ``:local:`` address, done by fedlor
 2. start ``flower-superlink --insecure --simulation`` on a free 127.0.0.1 port, with a private ``FLWR_HOME`` in a
    temporary folder and runtime dependency installation off (docs/flower-notes.md notes 1, 2);
 3. submit the run with Flower's public CLI: ``flwr run APP fedlora --run-config FILE.toml --federation-config
-   "num-supernodes=N client-resources-num-cpus=C ..."``;
+   "num-supernodes=N client-resources-num-cpus=C ..."``; with ``--ray-address`` the simulation joins an existing
+   Ray cluster instead of starting a private Ray (``RAY_ADDRESS`` in the SuperLink's environment,
+   fedlora/raycluster.py);
 4. stream its logs (``flwr log RUN_ID fedlora --stream``), Flower's own INFO lines and tracebacks kept out of the
    way unless ``--verbose``;
 5. read the run's final status (``flwr ls fedlora --run-id RUN_ID --format json``): ``finished:completed`` is
    success, anything else a failure whose reason is printed once;
-6. always stop the SuperLink and everything it started (superexec, flwr-simulation, ray), also on Ctrl-C, SIGTERM
-   and errors, then delete the temporary folder.
+6. always stop the SuperLink and everything it started (superexec, flwr-simulation, a private ray; never a
+   cluster's processes), also on Ctrl-C, SIGTERM and errors, then delete the temporary folder.
 
 Only public entry points are used (the ``flower-superlink`` and ``flwr`` commands and their documented options and
 JSON output), so this keeps working when Flower removes the deprecated ``flwr.simulation.run_simulation``.
@@ -39,6 +41,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from fedlora.raycluster import ENV as RAY_ADDRESS_ENV
+from fedlora.raycluster import LOCAL as RAY_LOCAL
+from fedlora.raycluster import RayCluster, cpus_per_client
 
 CONNECTION = "fedlora"  # the SuperLink connection's name in the private $FLWR_HOME/config.toml
 MARKER_ENV = "FEDLORA_ENGINE_ID"  # set in the SuperLink's environment: every process it starts inherits it
@@ -73,17 +79,34 @@ class RunResult:
 
 
 def simulation_federation_config(num_clients: int, parallel: int, cpu_count: int | None = None,
-                                  gpus_per_client: float = 0.0) -> dict[str, Any]:
+                                  gpus_per_client: float = 0.0, cluster: RayCluster | None = None) -> dict[str, Any]:
     """Flower's simulation options (``--federation-config`` keys) for ``num_clients`` SuperNodes of which
     ``parallel`` train at once: each client gets cpu_count / min(num_clients, parallel) CPUs (Flower takes whole
     CPUs here, at least 1) and ray gets every CPU. ``gpus_per_client`` F > 0: each client also holds F of a GPU
     (``client-resources-num-gpus``), so 1/F clients share one GPU, as in FlowerTune; ray then shows each client
-    only its GPU (``train.device=auto`` finds it) and runs at most (GPUs / F) of them at once."""
-    cpus = cpu_count or os.cpu_count() or 1
-    return {"num-supernodes": num_clients,
-            "client-resources-num-cpus": max(1, cpus // max(1, min(num_clients, parallel))),
-            "client-resources-num-gpus": float(gpus_per_client),
-            "init-args-num-cpus": cpus}
+    only its GPU (``train.device=auto`` finds it) and runs at most (GPUs / F) of them at once.
+
+    On an existing ``cluster`` the CPUs per client are the most at which that many clients fit on its nodes
+    (:func:`fedlora.raycluster.cpus_per_client`), and ``init-args-num-cpus`` is left out: Ray refuses it when
+    joining a cluster (docs/flower-notes.md note 14)."""
+    want = min(num_clients, parallel)
+    node_cpus = cluster.node_cpus if cluster is not None else (cpu_count or os.cpu_count() or 1,)
+    fed: dict[str, Any] = {"num-supernodes": num_clients,
+                           "client-resources-num-cpus": cpus_per_client(node_cpus, want),
+                           "client-resources-num-gpus": float(gpus_per_client)}
+    if cluster is None:
+        fed["init-args-num-cpus"] = node_cpus[0]
+    return fed
+
+
+def cluster_run_config(run_config: dict[str, Any], cluster: RayCluster | None,
+                       gpus_per_client: float) -> dict[str, Any]:
+    """On a cluster without ``--gpus-per-client``, ``train.device=auto`` becomes ``cpu``: the clients train on
+    the CPU as they do on a private Ray, where the engine hides the GPUs; a cluster's workers show or hide their
+    node's GPUs as that node's ``ray start`` environment says, which fedlora does not control (note 14)."""
+    if cluster is None or gpus_per_client > 0 or run_config.get("train.device", "auto") != "auto":
+        return run_config
+    return {**run_config, "train.device": "cpu"}
 
 
 def app_pyproject(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -205,11 +228,18 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child between f
 class LocalSuperLink:
     """A ``flower-superlink --insecure --simulation`` of fedlora's own: private ``FLWR_HOME`` (a temporary
     folder), a free port, in-memory state. Use as a context manager: leaving it stops every process the SuperLink
-    started and deletes the folder."""
+    started and deletes the folder.
 
-    def __init__(self, verbose: bool = False, cwd: str | Path | None = None, hide_gpus: bool = False) -> None:
+    ``ray_address``: the simulation joins that Ray cluster (``RAY_ADDRESS`` in the SuperLink's environment, which
+    flwr-simulation inherits); else ``RAY_ADDRESS=local`` and the simulation starts a private Ray. The
+    cluster's processes are not the SuperLink's (its raylets started them, without fedlora's marker), so stopping
+    leaves them running; the run's actors end with its driver, flwr-simulation."""
+
+    def __init__(self, verbose: bool = False, cwd: str | Path | None = None, hide_gpus: bool = False,
+                 ray_address: str | None = None) -> None:
         self.verbose = verbose
         self.hide_gpus = hide_gpus
+        self.ray_address = ray_address
         self.cwd = str(cwd or os.getcwd())  # the ServerApp/ClientApps run here: relative paths keep their meaning
         self.root = Path(tempfile.mkdtemp(prefix="fedlora-superlink-"))
         self.home = self.root / "flwr-home"
@@ -230,7 +260,12 @@ class LocalSuperLink:
         if self.hide_gpus:
             # ray (with the variable above) no longer hides GPUs from clients given none: without --gpus-per-client
             # the whole simulation (server included) trains on the CPU, never several clients unplanned on one GPU.
+            # On a cluster both variables reach the driver (the ServerApp) only: the workers have the environment
+            # of their node's `ray start` (run_simulation_app pins their train.device instead; note 14).
             env["CUDA_VISIBLE_DEVICES"] = ""
+        # The cluster to join, or Ray's "local": a private Ray even where `ray start` ran on this machine, whose
+        # address file a plain ray.init() would join (and then refuse init-args-num-cpus; note 14).
+        env[RAY_ADDRESS_ENV] = self.ray_address or RAY_LOCAL
         if not self.verbose:
             env["FLWR_LOG_LEVEL"] = "WARNING"  # Flower's INFO lines (server, clients, CLI) stay out of the way
         return env
@@ -436,11 +471,13 @@ def _pairs(values: dict[str, Any]) -> str:
 
 
 def run_simulation_app(run_config: dict[str, Any], defaults: dict[str, Any], num_clients: int, parallel: int,
-                       verbose: bool = False, out: TextIO | None = None, gpus_per_client: float = 0.0) -> RunResult:
+                       verbose: bool = False, out: TextIO | None = None, gpus_per_client: float = 0.0,
+                       cluster: RayCluster | None = None) -> RunResult:
     """Run fedlora's ServerApp/ClientApp as one Flower simulation run on a private local SuperLink.
 
     ``run_config`` travels as the run's config overrides (every key must be in ``defaults``, the app's
     ``[tool.flwr.app.config]``); Flower's log lines are written to ``out`` (filtered unless ``verbose``).
+    ``cluster``: the clients run on that existing Ray cluster (fedlora.raycluster) instead of a private Ray.
     Returns the run's final status; raises :class:`EngineError` when the run could not be started and
     KeyboardInterrupt on Ctrl-C/SIGTERM, in every case after stopping the SuperLink.
     """
@@ -448,13 +485,16 @@ def run_simulation_app(run_config: dict[str, Any], defaults: dict[str, Any], num
 
     out = out or sys.stdout
     color = hasattr(out, "isatty") and out.isatty()
-    with _terminate_as_interrupt(), LocalSuperLink(verbose=verbose, hide_gpus=gpus_per_client == 0) as link:
+    run_config = cluster_run_config(run_config, cluster, gpus_per_client)
+    address = cluster.address if cluster is not None else None
+    with (_terminate_as_interrupt(),
+          LocalSuperLink(verbose=verbose, hide_gpus=gpus_per_client == 0, ray_address=address) as link):
         app = link.root / "app"
         app.mkdir()
         (app / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(defaults)))
         overrides = link.root / "run-config.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)))
-        fed = simulation_federation_config(num_clients, parallel, gpus_per_client=gpus_per_client)
+        fed = simulation_federation_config(num_clients, parallel, gpus_per_client=gpus_per_client, cluster=cluster)
         res = link.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(overrides),
                         "--federation-config", _pairs(fed), timeout=300)
         try:
