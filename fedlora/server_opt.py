@@ -74,7 +74,9 @@ class Yogi(torch.optim.Optimizer):
 
 
 class ServerOptimizer:
-    """One torch optimiser over the global tensors a linear method averages (the uploaded roles and the head)."""
+    """A torch optimiser per global tensor a linear method averages (the uploaded roles and the head). One per
+    tensor, not one over all: the rules are elementwise, so the steps are the same, and a tensor that is not
+    uploaded in a round (RoLoRA's frozen factor) keeps its moments untouched instead of decaying them."""
 
     def __init__(self, agg: Aggregator, name: str, lr: float = 0.0, momentum: float = 0.9, beta1: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3) -> None:
@@ -87,70 +89,67 @@ class ServerOptimizer:
         self.lr = lr or DEFAULT_LR[name]
         self.momentum, self.betas, self.tau = momentum, (beta1, beta2), tau
         self.params: OrderedDict[str, torch.nn.Parameter] = OrderedDict()
-        self.opt: torch.optim.Optimizer | None = None
+        self.opts: dict[str, torch.optim.Optimizer] = {}
         self.steps = 0
 
-    def _make(self, names: Sequence[str], like: Mapping[str, torch.Tensor]) -> None:
-        self.params = OrderedDict((k, torch.nn.Parameter(like[k].detach().to(torch.float32).clone())) for k in names)
-        ps = list(self.params.values())
-        if self.name == "avgm":
-            self.opt = torch.optim.SGD(ps, lr=self.lr, momentum=self.momentum)
-        elif self.name == "adam":
-            self.opt = torch.optim.Adam(ps, lr=self.lr, betas=self.betas, eps=self.tau)
-        else:
-            self.opt = Yogi(ps, lr=self.lr, betas=self.betas, eps=self.tau)
+    def _param(self, name: str, like: Mapping[str, torch.Tensor]) -> torch.nn.Parameter:
+        if name not in self.params:
+            param = self.params[name] = torch.nn.Parameter(like[name].detach().to(torch.float32).clone())
+            if self.name == "avgm":
+                self.opts[name] = torch.optim.SGD([param], lr=self.lr, momentum=self.momentum)
+            elif self.name == "adam":
+                self.opts[name] = torch.optim.Adam([param], lr=self.lr, betas=self.betas, eps=self.tau)
+            else:
+                self.opts[name] = Yogi([param], lr=self.lr, betas=self.betas, eps=self.tau)
+        return self.params[name]
 
     def step(self, state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
-        """The round's one update: the global tensors after a step along ``x - mean_k p_k u_k``."""
+        """The round's one update: the uploaded global tensors after a step along ``x - mean_k p_k u_k``."""
         names = list(updates[0].tensors)
-        if self.opt is None or list(self.params) != names:
-            self._make(names, state)
         p = self.agg.weights(updates)
         with torch.no_grad():
-            for k, param in self.params.items():
+            for k in names:
+                param = self._param(k, state)
                 param.copy_(state[k].to(torch.float32))  # the global state may have been rolled back: start there
                 param.grad = param - self.agg.weighted_mean([u.tensors[k] for u in updates], p)
-        assert self.opt is not None
-        self.opt.step()
+        for k in names:
+            self.opts[k].step()
         self.steps += 1
-        tensors = {k: v.detach().clone() for k, v in self.params.items()}
         first = updates[0]
+        tensors = {k: self.params[k].detach().clone() for k in names}
         return [ClientUpdate(client_id=first.client_id, tensors=tensors, num_examples=1, rank=first.rank)]
 
     def snapshot(self) -> dict[str, Any]:
         """The optimiser as it is now (before a step the divergence guard may undo)."""
         import copy
 
-        return {"steps": self.steps, "opt": copy.deepcopy(self.opt.state_dict()) if self.opt is not None else None,
-                "names": list(self.params)}
+        return {"steps": self.steps, "opts": {k: copy.deepcopy(o.state_dict()) for k, o in self.opts.items()}}
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Undo the steps since :meth:`snapshot` (a rolled-back round leaves no trace in the moments)."""
         self.steps = snap["steps"]
-        if snap["opt"] is None:
-            self.opt, self.params = None, OrderedDict()
-        elif self.opt is not None and list(self.params) == snap["names"]:
-            self.opt.load_state_dict(snap["opt"])
+        for k in list(self.opts):
+            if k in snap["opts"]:
+                self.opts[k].load_state_dict(snap["opts"][k])
+            else:  # first stepped after the snapshot
+                del self.opts[k], self.params[k]
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def tensors(self) -> OrderedDict[str, torch.Tensor]:
-        """The optimiser's moments as named tensors (``fedlora.server-opt.<slot>.<tensor>``)."""
+        """The optimisers' moments as named tensors (``fedlora.server-opt.<slot>.<tensor>``)."""
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
-        if self.opt is None:
-            return out
         for name, param in self.params.items():
-            for slot, value in self.opt.state.get(param, {}).items():
+            for slot, value in self.opts[name].state.get(param, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:
                     out[f"{PREFIX}{slot}.{name}"] = value.detach().clone()
         return out
 
     def meta(self) -> dict[str, Any]:
         steps = {}
-        if self.opt is not None:
-            for name, param in self.params.items():
-                s = self.opt.state.get(param, {}).get("step")
-                if s is not None:
-                    steps[name] = float(s)
+        for name, param in self.params.items():
+            s = self.opts[name].state.get(param, {}).get("step")
+            if s is not None:
+                steps[name] = float(s)
         return {"name": self.name, "steps": self.steps, "param_steps": steps, "order": list(self.params)}
 
     def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]
@@ -162,17 +161,14 @@ class ServerOptimizer:
                                  f"{self.name!r}; keep method.server-opt as it was or use another output-dir")
             return
         self.steps = int(meta.get("steps", 0))
-        order = list(meta.get("order", []))
-        if not order:
-            return
-        self._make(order, state)
-        assert self.opt is not None
-        for name, param in self.params.items():
-            st: dict[str, Any] = {slot: t.clone() for slot, tensor, t in _slots(tensors) if tensor == name}
+        slots = _slots(tensors)
+        for name in meta.get("order", []):
+            param = self._param(name, state)
+            st: dict[str, Any] = {slot: t.clone() for slot, tensor, t in slots if tensor == name}
             if name in meta.get("param_steps", {}):
                 st["step"] = torch.tensor(float(meta["param_steps"][name]))
             if st:
-                self.opt.state[param] = st
+                self.opts[name].state[param] = st
 
 
 def _slots(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:

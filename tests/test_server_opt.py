@@ -108,6 +108,33 @@ def test_yogi_differs_from_adam_once_the_gradient_shrinks():
     assert not torch.allclose(out["adam"][naming.key(LAYERS[0], "B")], out["yogi"][naming.key(LAYERS[0], "B")])
 
 
+def test_a_tensor_not_uploaded_keeps_its_moments_for_its_next_round():
+    """RoLoRA uploads B in odd rounds and A in even ones: each factor's moments step only in its own rounds."""
+    gen = torch.Generator().manual_seed(6)
+    agg = get_aggregator("rolora", AggregatorConfig(rank=R))
+    state = _state("fedit", gen)
+    opt = ServerOptimizer(agg, "adam", lr=0.1)
+    b1, b2, eps = 0.9, 0.99, 1e-3
+    m: dict[str, torch.Tensor] = {}
+    v: dict[str, torch.Tensor] = {}
+    t: dict[str, int] = {}
+    for rnd in range(1, 6):
+        shapes = agg.expected_upload(state, R, rnd)
+        updates = [ClientUpdate(i, {n: state[n] + 0.1 * torch.randn(s, generator=gen) for n, s in shapes.items()},
+                                10, R) for i in range(3)]
+        new = agg.aggregate(state, opt.step(state, updates))
+        for k in shapes:
+            g = state[k] - _mean(agg, updates, k)
+            t[k] = t.get(k, 0) + 1
+            m[k] = b1 * m.get(k, torch.zeros_like(g)) + (1 - b1) * g
+            v[k] = b2 * v.get(k, torch.zeros_like(g)) + (1 - b2) * g * g
+            expected = state[k] - 0.1 * (m[k] / (1 - b1 ** t[k])) / ((v[k] / (1 - b2 ** t[k])).sqrt() + eps)
+            torch.testing.assert_close(new[k], expected, rtol=1e-5, atol=1e-6)
+        state = new
+    a = naming.key(LAYERS[0], "A")
+    assert t[a] == 2 and t["classifier.weight"] == 5  # A stepped in rounds 2 and 4 only, the head every round
+
+
 def test_refused_where_there_is_no_pseudo_gradient():
     for method, why in (("fedsvd", "re-factorises"), ("flora", "not a weighted mean"), ("lora_fair", "not a weighted")):
         match = rf"method.server-opt='adam' does not apply to method.name='{method}'.*{why}"
