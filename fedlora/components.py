@@ -28,6 +28,35 @@ def make_aggregator(cfg: FedLoraConfig) -> Aggregator:
 
 
 def node_data(cfg: FedLoraConfig, node_config: Mapping[str, Any], node_id: int) -> tuple[FedLoraConfig, int, int]:
+    """(config, partition id, number of partitions) of a client, from its SuperNode's node config, with the
+    client's own privacy budget (:func:`with_budget`)."""
+    budget = node_config.get("target-epsilon")
+    cfg, pid, n = _node_partition(cfg, {k: v for k, v in node_config.items() if k != "target-epsilon"}, node_id)
+    return with_budget(cfg, budget, pid), pid, n
+
+
+def with_budget(cfg: FedLoraConfig, node_budget: Any, partition_id: int) -> FedLoraConfig:
+    """This client's DP-SGD budget as its privacy.target-epsilon: node config ``target-epsilon`` (a SuperNode's
+    own requirement), else its entry of privacy.target-epsilons (simulation: partition i takes entry i mod len),
+    else the run's. With privacy.noise-multiplier set, each client stops when its own budget is spent; with it 0,
+    each client's noise is derived from its own budget (docs/privacy.md)."""
+    if node_budget is not None:
+        try:
+            budget = float(node_budget)
+        except (TypeError, ValueError):
+            budget = -1.0
+        if not budget > 0:
+            raise ValueError(f"node config target-epsilon={node_budget!r} must be a number > 0 (this SuperNode's "
+                             "DP-SGD budget), e.g. --node-config \"target-epsilon=3.0\"")
+    elif cfg.privacy.target_epsilons:
+        budget = cfg.privacy.budget_for(partition_id)
+    else:
+        return cfg
+    return replace(cfg, privacy=replace(cfg.privacy, target_epsilon=budget))
+
+
+def _node_partition(cfg: FedLoraConfig, node_config: Mapping[str, Any], node_id: int
+                    ) -> tuple[FedLoraConfig, int, int]:
     """(config, partition id, number of partitions) of a client, from its SuperNode's node config.
 
     ``data-path`` (deployment): the node trains on all of its own folder (train split; test split for

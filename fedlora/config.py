@@ -142,6 +142,8 @@ class PrivacyConfig:
     mode: str = field(default="none", metadata={"help": "none | sample (DP-SGD) | client (DP-FedAvg)"})
     target_epsilon: float = field(default=0.0, metadata={"help": "budget for the planned run; derives the noise "
                                                                   "when noise-multiplier = 0 (0 = no budget)"})
+    target_epsilons: str = field(default="", metadata={"help": "sample mode: per-client budgets, client i gets "
+                                                              "entry i mod len, e.g. '1,3,8' ('' = target-epsilon)"})
     delta: float = 1e-5
     noise_multiplier: float = field(default=0.0, metadata={"help": "sigma (sample) or z (client); 0 = from "
                                                                     "target-epsilon"})
@@ -154,6 +156,22 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise: float = field(default=0.0, metadata={"help": "sigma_b of the noised count (0 = clients / 20)"})
+
+    def budgets(self) -> list[float]:
+        """privacy.target-epsilons as floats (ConfigError on a malformed list)."""
+        try:
+            out = [float(e) for e in self.target_epsilons.split(",")] if self.target_epsilons.strip() else []
+        except ValueError:
+            raise ConfigError(f"run-config privacy.target-epsilons={self.target_epsilons!r} must be comma-separated "
+                              "numbers, e.g. '1,3,8'") from None
+        if any(not e > 0 for e in out):
+            raise ConfigError(f"run-config privacy.target-epsilons={self.target_epsilons!r} must hold budgets > 0")
+        return out
+
+    def budget_for(self, partition_id: int) -> float:
+        """The DP-SGD budget of the client holding ``partition_id`` (target-epsilon without a per-client list)."""
+        budgets = self.budgets()
+        return budgets[partition_id % len(budgets)] if budgets else self.target_epsilon
 
 
 @dataclass
@@ -261,6 +279,8 @@ class FedLoraConfig:
             (self.privacy.clip > 0, "privacy.clip", "must be > 0"),
             (0 < self.privacy.delta < 1, "privacy.delta", "must be in (0, 1), e.g. 1e-5"),
             (self.privacy.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 = no budget)"),
+            (not self.privacy.budgets() or self.privacy.mode == "sample", "privacy.target-epsilons",
+             "(per-client budgets) applies to privacy.mode='sample' (DP-SGD, one accountant per client); clear it"),
             (self.privacy.noise_multiplier >= 0, "privacy.noise-multiplier", "must be >= 0"),
             (0 < self.privacy.target_quantile < 1, "privacy.target-quantile", "must be in (0, 1)"),
             (self.privacy.clip_lr > 0, "privacy.clip-lr", "must be > 0"),

@@ -133,6 +133,8 @@ class Reporter:
             "wall_seconds": time.perf_counter() - self.t_start,
             # DP: the largest epsilon any client spent (sample-level) or the federation's (client-level)
             "epsilon": max((r["epsilon"] for r in self.rows if r.get("epsilon") is not None), default=None),
+            # DP-SGD: each client's epsilon when it last trained (clients may have budgets of their own)
+            "client_epsilon": {node: eps for r in self.rows for node, eps in (r.get("client_epsilon") or {}).items()},
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.plot()

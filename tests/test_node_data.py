@@ -95,3 +95,24 @@ def test_node_without_test_split_says_how_to_fix(tmp_path):
     grid, _ = _federation(tmp_path, folders, **{"num-server-rounds": 1, "fraction-evaluate": 1.0})
     errors = [r.error.reason for r in grid.replies if r.has_error()]
     assert len(errors) == 1 and "fraction-evaluate=0" in errors[0] and "data-path" in errors[0]
+
+
+def test_a_supernodes_target_epsilon_is_its_own_budget():
+    from fedlora.components import node_data
+    from fedlora.config import ConfigError, FedLoraConfig
+
+    cfg = FedLoraConfig.from_run_config({"privacy.mode": "sample", "privacy.target-epsilon": 8.0,
+                                         "privacy.target-epsilons": "1,2"})
+    part = {"partition-id": 3, "num-partitions": 4}
+    assert node_data(cfg, part, 7)[0].privacy.target_epsilon == 2.0  # entry 3 mod 2 of the per-client list
+    own, pid, _ = node_data(cfg, {**part, "target-epsilon": 0.5}, 7)
+    assert own.privacy.target_epsilon == 0.5 and pid == 3  # the node's own requirement wins
+    assert cfg.privacy.target_epsilon == 8.0  # the run's config is not touched
+    for bad in ("-1", "x", 0):
+        with pytest.raises(ValueError, match="node config target-epsilon=.* must be a number > 0"):
+            node_data(cfg, {**part, "target-epsilon": bad}, 7)
+    with pytest.raises(ConfigError, match="privacy.target-epsilons=.*applies to privacy.mode='sample'"):
+        FedLoraConfig.from_run_config({"privacy.mode": "client", "privacy.noise-multiplier": 1.0,
+                                       "method.weighting": "uniform", "privacy.target-epsilons": "1,2"})
+    with pytest.raises(ConfigError, match="privacy.target-epsilons='1,a' must be comma-separated numbers"):
+        FedLoraConfig.from_run_config({"privacy.mode": "sample", "privacy.target-epsilons": "1,a"})

@@ -50,7 +50,7 @@ def test_sample_mode_owns_its_constraints() -> None:
     base = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0}
     with pytest.raises(ConfigError, match="data.packing"):
         FedLoraConfig.from_run_config({**base, "model.task": "causal_lm", "data.packing": True})
-    with pytest.raises(ConfigError, match="needs privacy.target-epsilon > 0 or privacy.noise-multiplier > 0"):
+    with pytest.raises(ConfigError, match="needs privacy.target-epsilon > 0 .* or privacy.noise-multiplier > 0"):
         FedLoraConfig.from_run_config({"privacy.mode": "sample"})
     with pytest.raises(ConfigError, match="privacy.adaptive-clip"):
         FedLoraConfig.from_run_config({**base, "privacy.adaptive-clip": True})

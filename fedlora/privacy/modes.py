@@ -94,8 +94,9 @@ def privacy_modes() -> list[str]:
 
 def needs_noise(cfg: FedLoraConfig) -> None:
     p = cfg.privacy
-    if p.noise_multiplier == 0 and p.target_epsilon == 0:
-        raise ConfigError(f"privacy.mode={p.mode!r} needs privacy.target-epsilon > 0 or privacy.noise-multiplier > 0")
+    if p.noise_multiplier == 0 and p.target_epsilon == 0 and not p.budgets():
+        raise ConfigError(f"privacy.mode={p.mode!r} needs privacy.target-epsilon > 0 (or per-client "
+                          "privacy.target-epsilons) or privacy.noise-multiplier > 0")
 
 
 @register

@@ -101,3 +101,29 @@ def test_adaptive_client_clipping_moves_the_norm_and_resumes_with_it(tmp_path):
     assert rows[2]["clip"] > rows[1]["clip"]  # every update is larger than 1e-3: the norm grows
     _, rows3, _ = run_local(tmp_path, **common, **{"num-server-rounds": 3, "resume": True})
     assert rows3[-1]["round"] == 3 and rows3[-1]["clip"] > rows[2]["clip"]
+
+
+def test_per_client_budgets_each_client_stops_at_its_own(tmp_path):
+    """privacy.target-epsilons: partition i gets entry i; with sigma fixed, the tight client stops, the rest go on."""
+    sizes = _sizes()
+    tight = _eps(sizes[0], 1) * 1.01  # partition 0 affords one round
+    assert _eps(sizes[0], 2) > tight
+    budgets = f"{tight},100,100"
+    _, rows, summary = run_local(tmp_path, **DP, **{"num-server-rounds": 3, "privacy.target-epsilons": budgets})
+    trained = {r["round"]: r for r in rows if r["round"] > 0}
+    assert [trained[r]["clients_aggregated"] for r in (1, 2, 3)] == [3, 2, 2]
+    assert len(trained[2]["exhausted"]) == 1 and "node 1000" in trained[2]["exhausted"][0]
+    assert f"target-epsilon={tight:g}" in trained[2]["exhausted"][0]
+    eps = summary["client_epsilon"]
+    assert eps["1000"] == pytest.approx(_eps(sizes[0], 1), abs=1e-6) and eps["1000"] <= tight
+    assert eps["1001"] == pytest.approx(_eps(sizes[1], 3), abs=1e-6)  # the others trained every round
+
+
+def test_per_client_budgets_derive_each_clients_noise_from_its_own(tmp_path):
+    """Without a fixed sigma each client's noise spends exactly its own budget over the planned rounds."""
+    cfg = {**{k: v for k, v in DP.items() if k != "privacy.noise-multiplier"}, "num-server-rounds": 2,
+           "privacy.target-epsilons": "1,4", "fraction-evaluate": 0.0}
+    _, rows, summary = run_local(tmp_path, num_nodes=2, **cfg)
+    assert all(r["clients_aggregated"] == 2 for r in rows[1:])
+    eps = summary["client_epsilon"]
+    assert 0.97 <= eps["1000"] <= 1.0 and 3.88 <= eps["1001"] <= 4.0
