@@ -297,7 +297,6 @@ def test_run_whose_serverapp_raises_exits_nonzero_with_one_reason(tmp_path, no_l
         log.unlink(missing_ok=True)
 
 
-@pytest.mark.slow
 def _foreground_sigint() -> None:
     """The child handles SIGINT as a foreground program does, also when this suite runs as a background job (a
     shell starts those with SIGINT ignored, the child would inherit that, and Python would then never raise
@@ -305,6 +304,7 @@ def _foreground_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_superlink(tmp_path, no_leftovers):
     """Ctrl-C (SIGINT to the foreground process group) mid-run: exit 130, nothing left running. 500 rounds: a
     tiny round takes ~0.3 s, and under load the streamed log can reach us many rounds late."""
