@@ -50,10 +50,10 @@ def fit(
     task, agg, privacy = get_task(cfg), aggregator or make_aggregator(cfg), get_privacy_mode(cfg)
     rank, seed = cfg.adapter.rank_for(partition_id), round_seed(cfg.run.seed, server_round, partition_id)
     model = task.build_model(agg.mode, rank)
-    data = to_device(task.client_data("train", partition_id, num_partitions), task.device)
     if agg.fresh_each_round:
         reset_adapters(model, torch.Generator().manual_seed(seed))
     load_adapter_state(model, payload)
+    data = to_device(task.training_inputs(model, task.client_data("train", partition_id, num_partitions)), task.device)
     set_trainable(model, agg.trainable(server_round))  # the mode's factors, or this round's (RoLoRA alternates)
     with metered(task.device) as usage:
         metrics, privacy_state = privacy.client_train(task, model, data, seed, privacy_state)

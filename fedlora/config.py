@@ -131,6 +131,9 @@ class TrainConfig:
                                                              "adapters, optimizer and uploads stay fp32)"})
     prox_mu: float = field(default=0.0, metadata={"help": "FedProx: + (mu / 2) ||w - w_global||^2 over the trainable "
                                                           "tensors (0 = off)"})
+    cache_frozen_layers: bool = field(default=False, metadata={"help": "classification: compute the frozen layers "
+                                                                       "below the first adapted one once per process "
+                                                                       "and train only those above"})
 
 
 @dataclass
@@ -262,6 +265,8 @@ class FedLoraConfig:
             (self.train.batch_size >= 1, "train.batch-size", "must be >= 1"),
             (self.train.lr > 0, "train.lr", "must be > 0"),
             (self.train.prox_mu >= 0, "train.prox-mu", "must be >= 0 (0 = no proximal term)"),
+            (not self.train.cache_frozen_layers or self.model.task == "classification", "train.cache-frozen-layers",
+             "applies to model.task='classification' (BERT-family encoders) only; set it to false"),
             (self.train.micro_batch_size >= 0, "train.micro-batch-size", "must be >= 0 (0 = the whole batch)"),
             (self.train.precision in PRECISIONS, "train.precision", f"must be one of {list(PRECISIONS)}"),
             (device_spec_ok(self.train.device), "train.device", "must be auto, cpu, cuda or cuda:N (N a GPU index)"),

@@ -130,6 +130,11 @@ class Task(ABC):
             model.to(device)
         return model
 
+    def training_inputs(self, model: nn.Module, data: Encoded) -> Encoded:
+        """What local training feeds ``model`` for a client's CPU-side training data (default: ``data``). A task
+        may precompute what the frozen base gives every step (classification: ``train.cache-frozen-layers``)."""
+        return data
+
     # -- data: the hooks a task implements ----------------------------------------------------------------
     @abstractmethod
     def load_split(self, split: str) -> Split:

@@ -11,7 +11,7 @@ from torch import nn
 from fedlora.config import FedLoraConfig
 from fedlora.data import TextDataset, load_dataset
 from fedlora.models import load_model, load_tokenizer
-from fedlora.tasks.base import Task, register
+from fedlora.tasks.base import Encoded, Task, register
 from fedlora.train import encode, take_batch
 
 
@@ -80,8 +80,23 @@ class ClassificationTask(Task):
     def encode(self, ds: TextDataset) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return encode(self.tokenizer(), ds.texts, self.cfg.model.max_length), torch.tensor(ds.labels, dtype=torch.long)
 
+    def training_inputs(self, model: nn.Module, data: Encoded) -> Encoded:
+        """``train.cache-frozen-layers``: the frozen layers' output for the client's data, computed once per process
+        (fedlora.prefix); training then runs only the layers from the first adapted one."""
+        if not self.cfg.train.cache_frozen_layers:
+            return data
+        from fedlora.prefix import prefix_inputs
+
+        n, enc, targets = data
+        return n, prefix_inputs(model, enc, self.cfg.train.eval_batch_size), targets
+
     def batch_loss(self, model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tensor, idx: torch.Tensor
                    ) -> tuple[torch.Tensor, int, int]:
+        if "inputs_embeds" in enc:  # cached frozen prefix: run the layers from the first adapted one
+            from fedlora.prefix import from_layer
+
+            with from_layer(model, model.fedlora_prefix_start):
+                return classification_loss(model, enc, targets, idx)
         return classification_loss(model, enc, targets, idx)
 
     def evaluate(self, model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
