@@ -24,7 +24,6 @@ from typing import Any
 from fedlora.config import ConfigError
 
 IGNORED_ON_RESUME = ("output-dir", "resume")  # keys that may differ between a finished cell and its re-request
-REAL_SEEDS = 3  # --real without --seeds: the config's seed and the next two (a spread needs more than one run)
 PM = "\u00b1"  # the +- of "mean +- std" in the markdown tables
 
 
@@ -112,8 +111,8 @@ def add_common_arguments(p: argparse.ArgumentParser, real_help: str, per: str) -
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any run-config key for every {per}, e.g. adapter.rank=4")
     p.add_argument("--seeds", metavar="S,S,...",
-                   help=f"run every {per} once per seed, e.g. 0,1,2, and report mean +- std (default: one run with "
-                        f"the config's seed; with --real {REAL_SEEDS} seeds: seed, seed+1, seed+2)")
+                   help=f"run every {per} once per seed, e.g. 0,1,2, and report mean +- std (default: the model "
+                        "preset's count from the config's seed on: 3 for --real (42,43,44), 1 for tiny)")
 
 
 def preset_base(args: argparse.Namespace, presets: dict[str, dict[str, Any]], default: dict[str, Any],
@@ -171,10 +170,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def resolve_seeds(text: str | None, real: bool, base: dict[str, Any]) -> Seeds:
-    """``--seeds`` if given; else ``--real`` takes REAL_SEEDS seeds from the config's seed on, and anything else the
-    config's seed alone in the old layout. A single seed set as well (``--seed``, ``--set seed=``) is refused: which
-    one would win is a guess."""
+def resolve_seeds(text: str | None, preset: dict[str, Any], base: dict[str, Any]) -> Seeds:
+    """``--seeds`` if given, else the preset's ``seeds`` count (1 if it names none) from the config's seed on: 3
+    for MiniLM (a spread needs more than one run), 1 for the tiny model, in the layout from before seeds. A single
+    seed set as well (``--seed``, ``--set seed=``) is refused: which one would win is a guess."""
     from fedlora.config import FedLoraConfig
 
     if text is not None:
@@ -184,9 +183,8 @@ def resolve_seeds(text: str | None, real: bool, base: dict[str, Any]) -> Seeds:
                               "are both given; keep one (the seeds' runs set 'seed' themselves)")
         return Seeds(seeds, per_seed_dirs=True)
     seed = FedLoraConfig.from_run_config({"seed": base.get("seed", FedLoraConfig().run.seed)}).run.seed
-    if real:
-        return Seeds(tuple(range(seed, seed + REAL_SEEDS)), per_seed_dirs=True)
-    return Seeds((seed,), per_seed_dirs=False)
+    count = preset.get("seeds", 1)
+    return Seeds(tuple(range(seed, seed + count)), per_seed_dirs=count > 1)
 
 
 @dataclass(frozen=True)

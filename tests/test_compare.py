@@ -229,3 +229,12 @@ def test_seeds_and_a_single_seed_together_are_a_config_error(tmp_path, capsys):
     assert "keep one" in capsys.readouterr().err
     assert cli.main(["sweep", "--set", "seed=3", "--seeds", "0,1", "--output", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_default_seeds_come_from_the_model_preset():
+    from simulations.cells import Seeds, resolve_seeds
+
+    assert resolve_seeds(None, compare.PRESETS["tiny"], {}) == Seeds((42,), per_seed_dirs=False)  # old layout
+    assert resolve_seeds(None, compare.PRESETS["minilm"], {}) == Seeds((42, 43, 44), per_seed_dirs=True)  # --real
+    assert resolve_seeds(None, compare.PRESETS["minilm"], {"seed": 7}).values == (7, 8, 9)
+    assert resolve_seeds(" 3, 1 ", compare.PRESETS["tiny"], {}) == Seeds((3, 1), per_seed_dirs=True)
