@@ -120,8 +120,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Final accuracy (mean over the seeds, error bars +- one std) vs epsilon on a log axis; the no-DP point sits
-    one step right of the largest epsilon."""
+    """Final accuracy (mean over the seeds, error bars +- one std) vs epsilon on a log axis, each method nudged
+    sideways; the no-DP point sits one step right of the largest epsilon."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,13 +130,15 @@ def plot(rows: list[dict], path: Path) -> None:
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
     no_dp = finite[-1] * 4 if finite else 1.0
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        dodge = 1.06 ** (i - (len(methods) - 1) / 2)  # methods side by side at each epsilon: bars do not overlap
         pts = sorted((no_dp if r["epsilon"] == "inf" else float(r["epsilon"]),
                       math.nan if r["final_accuracy_mean"] is None else r["final_accuracy_mean"],
                       r["final_accuracy_std"] or 0.0)
                      for r in rows if r["method"] == method)
         n = max(r["n"] for r in rows if r["method"] == method)
-        ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[s for _, _, s in pts], marker="o",
+        ax.errorbar([x * dodge for x, _, _ in pts], [y for _, y, _ in pts], yerr=[s for _, _, s in pts], marker="o",
                     capsize=3, label=method if n == 1 else f"{method} (n={n})")
     ax.set_xscale("log")
     ticks = finite + ([no_dp] if any(r["epsilon"] == "inf" for r in rows) else [])
