@@ -3,6 +3,10 @@
 Runs go through the real ServerApp and ClientApp on :class:`fedlora.localgrid.LocalGrid` (no ray, one process),
 so every method of a comparison sees the same model, partition and seed. A cell whose folder already holds a
 finished run with the same config is reused: an interrupted experiment continues where it stopped.
+
+``--seeds`` runs every cell once per seed, each into ``<cell>/seed-<s>/``; the tables report mean +- std over the
+seeds (:func:`aggregate`, :func:`pm`). Without it a cell is one run with the config's seed in ``<cell>/`` itself,
+as before seeds existed, and such a folder is still reused when its seed is one of a later ``--seeds``.
 """
 
 from __future__ import annotations
@@ -10,12 +14,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import ConfigError
+
 IGNORED_ON_RESUME = ("output-dir", "resume")  # keys that may differ between a finished cell and its re-request
+PM = "\u00b1"  # the +- of "mean +- std" in the markdown tables
 
 
 def run_method(method: str, base: dict[str, Any], out: Path, num_clients: int) -> dict:
@@ -101,6 +110,9 @@ def add_common_arguments(p: argparse.ArgumentParser, real_help: str, per: str) -
     p.add_argument("--num-clients", type=int, help="clients per federation (default: the model's preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any run-config key for every {per}, e.g. adapter.rank=4")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help=f"run every {per} once per seed, e.g. 0,1,2, and report mean +- std (default: the model "
+                        "preset's count from the config's seed on: 3 for --real (42,43,44), 1 for tiny)")
 
 
 def preset_base(args: argparse.Namespace, presets: dict[str, dict[str, Any]], default: dict[str, Any],
@@ -118,11 +130,127 @@ def preset_base(args: argparse.Namespace, presets: dict[str, dict[str, Any]], de
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
-    """One row per cell; a missing value (None) is an empty field."""
+    """One row per dict; a missing value (None) is an empty field."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds every cell runs for. ``per_seed_dirs`` puts each run in ``<cell>/seed-<s>/``; it is off only for
+    the single-seed default, which keeps the layout from before ``--seeds`` (the run in ``<cell>/``)."""
+
+    values: tuple[int, ...]
+    per_seed_dirs: bool
+
+    def dir(self, cell: Path, seed: int) -> Path:
+        return cell / f"seed-{seed}" if self.per_seed_dirs else cell
+
+    def label(self) -> str:
+        return ",".join(map(str, self.values))
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2): whole numbers >= 0, each once (a repeated seed would be the same run twice)."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            seed = int(part)
+        except ValueError:
+            raise ConfigError(f"--seeds: {part!r} is not a whole number; use e.g. '--seeds 0,1,2'") from None
+        if seed < 0:
+            raise ConfigError(f"--seeds: {seed} is negative; seeds are whole numbers >= 0, e.g. '--seeds 0,1,2'")
+        if seed in out:
+            raise ConfigError(f"--seeds {text!r}: seed {seed} appears twice; list each seed once, e.g. '0,1,2'")
+        out.append(seed)
+    if not out:
+        raise ConfigError("--seeds is empty; use e.g. '--seeds 0,1,2', or leave it out for one run per cell")
+    return tuple(out)
+
+
+def resolve_seeds(text: str | None, preset: dict[str, Any], base: dict[str, Any]) -> Seeds:
+    """``--seeds`` if given, else the preset's ``seeds`` count (1 if it names none) from the config's seed on: 3
+    for MiniLM (a spread needs more than one run), 1 for the tiny model, in the layout from before seeds. A single
+    seed set as well (``--seed``, ``--set seed=``) is refused: which one would win is a guess."""
+    from fedlora.config import FedLoraConfig
+
+    if text is not None:
+        seeds = parse_seeds(text)
+        if "seed" in base:
+            raise ConfigError(f"--seeds {text} and a single seed (seed={base['seed']}, from --seed or --set seed=...) "
+                              "are both given; keep one (the seeds' runs set 'seed' themselves)")
+        return Seeds(seeds, per_seed_dirs=True)
+    seed = FedLoraConfig.from_run_config({"seed": base.get("seed", FedLoraConfig().run.seed)}).run.seed
+    count = preset.get("seeds", 1)
+    return Seeds(tuple(range(seed, seed + count)), per_seed_dirs=count > 1)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (cell, seed) federation: ``tag`` names the cell in progress lines, ``cfg`` is its full validated run
+    config (``output-dir`` = where it runs), ``cell`` the cell's own folder (the run's parent with --seeds)."""
+
+    tag: str
+    seed: int
+    cell: Path
+    cfg: dict[str, Any]
+
+
+def run_jobs(jobs: list[Job], seeds: Seeds, num_clients: int) -> list[tuple[dict, Path]]:
+    """Run or reuse every job in order; returns each one's (summary, folder). A (cell, seed) whose own folder has
+    no finished run but whose cell folder holds one with the same config (seed included: a run from before
+    ``--seeds``) reuses that one, so adding seeds to an old experiment re-runs nothing it already has."""
+    done = []
+    for i, job in enumerate(jobs, 1):
+        out = Path(job.cfg["output-dir"])
+        if out != job.cell and finished(out, job.cfg) is None and finished(job.cell, job.cfg) is not None:
+            out = job.cell
+        tag = f"[{i}/{len(jobs)}] {job.tag}" + (f" seed={job.seed}" if seeds.per_seed_dirs else "")
+        done.append((run_or_reuse(tag, job.cfg["method.name"], job.cfg, out, num_clients), out))
+    return done
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1) of the values present; std None for one value (undefined, not
+    0: one seed says nothing about the spread), both None for none."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def aggregate_columns(keys: list[str], spread: list[str], mean_only: list[str]) -> list[str]:
+    """The aggregate CSV's header: the cell's keys, n and the seeds, ``<col>_mean``/``<col>_std`` for the columns
+    that vary with the seed, and the mean alone (under the column's own name) for those that do not."""
+    return [*keys, "n", "seeds", *(f"{c}_{s}" for c in spread for s in ("mean", "std")), *mean_only]
+
+
+def aggregate(rows: list[dict[str, Any]], keys: list[str], spread: list[str],
+              mean_only: list[str]) -> list[dict[str, Any]]:
+    """One row per cell from the per-seed rows (those with equal ``keys``, in first-seen order): n, the seeds
+    ('0;1;2'), mean and std (:func:`mean_std`) of each ``spread`` column, the mean of each ``mean_only`` one."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for group in groups.values():
+        agg = {k: group[0][k] for k in keys} | {"n": len(group), "seeds": ";".join(str(r["seed"]) for r in group)}
+        for c in spread:
+            agg[f"{c}_mean"], agg[f"{c}_std"] = mean_std(r[c] for r in group)
+        for c in mean_only:
+            agg[c] = mean_std(r[c] for r in group)[0]
+        out.append(agg)
+    return out
+
+
+def pm(row: dict[str, Any], col: str, spec: str = ".3f") -> str:
+    """``mean +- std`` of an aggregate row's column for a table; the mean alone when the std is undefined (n=1)."""
+    mean, std = row[f"{col}_mean"], row[f"{col}_std"]
+    if mean is None:
+        return "-"
+    return format(mean, spec) if std is None else f"{mean:{spec}} {PM} {std:{spec}}"
 
 
 def runner_main(add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser], description: str,

@@ -8,13 +8,16 @@
     fedlora compare --methods fedit,fedit+adam       # ... or with a server optimiser (method.server-opt)
 
 Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
-per-round metrics, checkpoint, adapter). ``compare.md``/``compare.csv`` hold one row per method: final and best
-test accuracy, final test loss, train-message bytes down and up per round and in total, server aggregation
-time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k
-A_k||`` (per round in the CSV, worst round in the table), and for a ``method+codec`` entry (wire.upload and
-wire.download set to the codec: bfloat16, float16, int8) the worst relative rounding the codec added.
-``compare.png`` plots test accuracy against the round and against the cumulative bytes on the wire, one line per
-method. Finished methods with the same config are reused (delete a method's folder to redo it).
+per-round metrics, checkpoint, adapter), or with ``--seeds 0,1,2`` once per seed into
+``<output>/<method>/seed-<s>/``. ``compare.md`` holds one row per method: final and best test accuracy and final
+test loss (mean +- std over the seeds, with their count n), train-message bytes down and up per round and in
+total, server aggregation time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k
+A_k|| / ||sum_k p_k s B_k A_k||`` (worst round; per round in the CSV), and for a ``method+codec`` entry (wire.upload
+and wire.download set to the codec: bfloat16, float16, int8) the worst relative rounding the codec added; below
+it, which methods are within the seed spread of the best one. ``compare.csv`` has one row per (method, seed),
+``compare-mean.csv`` one per method (n, ``<col>_mean``, ``<col>_std``). ``compare.png`` plots test accuracy
+against the round and against the cumulative bytes on the wire, one line per method (mean, shaded +- std).
+Finished (method, seed) runs with the same config are reused (delete a folder to redo it).
 """
 
 from __future__ import annotations
@@ -25,20 +28,41 @@ from typing import Any
 
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import add_common_arguments, metrics, preset_base, run_or_reuse, runner_main, write_csv
+from simulations.cells import (
+    Job,
+    add_common_arguments,
+    aggregate,
+    aggregate_columns,
+    mean_std,
+    metrics,
+    pm,
+    preset_base,
+    resolve_seeds,
+    run_jobs,
+    runner_main,
+    write_csv,
+)
 
-COLUMNS = ["method", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
+COLUMNS = ["method", "seed", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
            "exactness_max", "exactness_per_round", "wire_error_max", "rounds", "wall_seconds"]
+# compare-mean.csv: mean and std of what the seed changes; the mean alone of what it does not (bytes, rounds: the
+# same for every seed of a config) or what is a cost rather than a result.
+KEYS = ["method", "partition"]
+SPREAD = ["initial_accuracy", "final_accuracy", "best_accuracy", "final_loss"]
+MEAN_ONLY = ["bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round", "exactness_max",
+             "wire_error_max", "rounds", "wall_seconds"]
+MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look;
 # MiniLM keeps the config defaults tuned for it (as `make demo`) without federated eval (the server's test
-# accuracy is what the table compares).
+# accuracy is what the table compares), over 3 seeds: a gap between methods means little without the spread
+# (about an hour per seed for all methods on 2 CPU cores; --seeds 42 for one).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200,
                            "fraction-evaluate": 0.0}},
-    "minilm": {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}},
+    "minilm": {"rounds": 3, "num_clients": 4, "seeds": 3, "overrides": {"fraction-evaluate": 0.0}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}}
 
@@ -70,7 +94,7 @@ def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str) -> di
     return FedLoraConfig.from_run_config(cfg).to_run_config()
 
 
-def row(method: str, partition: str, summary: dict, history: list[dict]) -> dict[str, Any]:
+def row(method: str, seed: int, partition: str, summary: dict, history: list[dict]) -> dict[str, Any]:
     trained = [r for r in history if r.get("round", 0) > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]
@@ -78,7 +102,7 @@ def row(method: str, partition: str, summary: dict, history: list[dict]) -> dict
     exact = [r["exactness"] for r in trained if r.get("exactness") is not None]
     wire = [e for r in trained for e in (r.get("wire_error_down"), r.get("wire_error_up")) if e is not None]
     n = max(1, len(trained))
-    return {"method": method, "partition": partition, "initial_accuracy": summary.get("initial_accuracy"),
+    return {"method": method, "seed": seed, "partition": partition, "initial_accuracy": summary.get("initial_accuracy"),
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
             "final_loss": summary.get("final_loss"), "bytes_down_per_round": sum(down) / n,
             "bytes_up_per_round": sum(up) / n, "bytes_total": sum(down) + sum(up),
@@ -97,39 +121,77 @@ def _kb(v: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | final acc | best acc | final loss | down / round | up / round | total bytes | "
+    """The markdown table of the aggregate rows (one per method): results as mean +- std over the n seeds."""
+    lines = ["| method | n | final acc | best acc | final loss | down / round | up / round | total bytes | "
              "aggregate ms / round | exactness (worst round) | wire rounding | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} | "
-                     f"{_f(r['final_loss'])} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
+        lines.append(f"| {r['method']} | {r['n']} | {pm(r, 'final_accuracy')} | {pm(r, 'best_accuracy')} | "
+                     f"{pm(r, 'final_loss')} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
                      f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
                      f"{_f(r['exactness_max'], '.1e')} | {_f(r['wire_error_max'], '.1e')} | "
                      f"{_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
-def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Accuracy vs round (left) and vs cumulative train bytes, down + up, on a log axis (right)."""
+def spread_note(rows: list[dict], col: str = "final_accuracy") -> str:
+    """Which methods' mean ``col`` is within the seed spread of the best one (a gap no larger than the larger of
+    the two stds) and which fall below it by more: a reading aid, not a significance test. Empty without a std."""
+    scored = [r for r in rows if r[f"{col}_mean"] is not None]
+    if not scored:
+        return ""
+    best = max(scored, key=lambda r: r[f"{col}_mean"])
+    if best[f"{col}_std"] is None:
+        return ""
+    within, below = [], []
+    for r in scored:
+        if r is not best:
+            gap = best[f"{col}_mean"] - r[f"{col}_mean"]
+            (within if gap <= max(best[f"{col}_std"], r[f"{col}_std"] or 0.0) else below).append(r["method"])
+    name = col.replace("_", " ").replace("accuracy", "acc")
+    return (f"Best {name}: {best['method']} ({pm(best, col)}, n={best['n']}); within one std of it: "
+            f"{', '.join(within) or 'none'}; below it by more than the seed spread: {', '.join(below) or 'none'}.")
+
+
+def per_round(runs: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Rounds, mean cumulative train bytes (down + up), mean and std (0 for one seed) of the test accuracy over
+    the seeds' histories, round by round."""
+    acc: dict[int, list[float]] = {}
+    total: dict[int, list[float]] = {}
+    for hist in runs:
+        cum = 0
+        for h in hist:
+            if h["round"] > 0:
+                cum += h["bytes_down"] + h["bytes_up"]
+            acc.setdefault(h["round"], []).append(h["global_accuracy"])
+            total.setdefault(h["round"], []).append(cum)
+    rounds = sorted(acc)
+    stats = [mean_std(acc[r]) for r in rounds]
+    return (rounds, [mean_std(total[r])[0] for r in rounds], [m for m, _ in stats], [s or 0.0 for _, s in stats])
+
+
+def plot(histories: dict[str, list[list[dict]]], path: Path, title: str) -> None:
+    """Accuracy vs round (left) and vs cumulative train bytes, down + up, on a log axis (right): the mean over
+    the seeds, with a band of +- one std where there is more than one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, hist in histories.items():
-        rounds = [h["round"] for h in hist]
-        acc = [h["global_accuracy"] for h in hist]
-        (line,) = ax1.plot(rounds, acc, marker="o", label=method)
-        total, xs, ys = 0, [], []
-        for h in hist:
-            if h["round"] > 0:
-                total += h["bytes_down"] + h["bytes_up"]
-                xs.append(total)
-                ys.append(h["global_accuracy"])
-        ax2.plot(xs, ys, marker="o", color=line.get_color(), label=method)
-    ax1.set(xlabel="round", ylabel="test accuracy", title=title)
+    for method, runs in histories.items():
+        rounds, cum, acc, std = (np.asarray(v, dtype=float) for v in per_round(runs))
+        (line,) = ax1.plot(rounds, acc, marker="o", label=method if len(runs) == 1 else f"{method} (n={len(runs)})")
+        trained = rounds > 0
+        ax2.plot(cum[trained], acc[trained], marker="o", color=line.get_color())
+        if len(runs) > 1:
+            ax1.fill_between(rounds, acc - std, acc + std, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax2.fill_between(cum[trained], (acc - std)[trained], (acc + std)[trained], color=line.get_color(),
+                             alpha=0.15, linewidth=0)
+    seeded = any(len(runs) > 1 for runs in histories.values())
+    ax1.set(xlabel="round", ylabel="test accuracy" + (" (mean, band = +- 1 std)" if seeded else ""), title=title)
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xscale("log")
     ax2.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} MB"))
@@ -152,7 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (smaller = more skewed)")
     p.add_argument("--ranks", default="", help="per-client ranks for flora/flexlora/hetlora, e.g. 2,4,8")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="the one seed of every method (default: the config's); see --seeds")
     p.add_argument("--output", default="runs/compare", help="folder for the methods' runs and compare.md/csv/png")
     p.set_defaults(func=run)
     return p
@@ -166,31 +228,39 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         extra["seed"] = args.seed
     model, rounds, num_clients, base = preset_base(args, PRESETS, DEFAULT_PRESET, extra)
+    seeds = resolve_seeds(args.seeds, PRESETS.get(model, DEFAULT_PRESET), base)
     root = Path(args.output)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods is empty; use e.g. 'fedit,fed_sb' or leave it out for all")
-    # Every method's config is validated before the first one runs: a typo fails now, not after an hour.
-    configs = {m: method_config(base, m, root / m, args.ranks) for m in methods}
+    # Every run's config is validated before the first one runs: a typo fails now, not after an hour. Seed by
+    # seed: an interrupted comparison has every method at the first seeds.
+    jobs = [Job(m, seed, root / m, method_config({**base, "seed": seed}, m, seeds.dir(root / m, seed), args.ranks))
+            for seed in seeds.values for m in methods]
     partition = "iid" if base["data.partition"] == "iid" else f"dirichlet({float(base['data.dirichlet-alpha']):g})"
+    if len(seeds.values) > 1:
+        print(f"compare: {len(methods)} methods x {len(seeds.values)} seeds = {len(jobs)} runs (finished ones are "
+              "reused)", flush=True)
 
-    rows, histories = [], {}
-    for i, method in enumerate(methods, 1):
-        out, cfg = root / method, configs[method]
-        tag = f"[{i}/{len(methods)}] {method}"
-        summary = run_or_reuse(tag, cfg["method.name"], cfg, out, num_clients)
-        histories[method] = metrics(out)
-        rows.append(row(method, partition, summary, histories[method]))
+    results = {(job.tag, job.seed): done for job, done in zip(jobs, run_jobs(jobs, seeds, num_clients), strict=True)}
+    histories = {m: [metrics(results[m, seed][1]) for seed in seeds.values] for m in methods}
+    rows = [row(m, seed, partition, results[m, seed][0], hist)
+            for m in methods for seed, hist in zip(seeds.values, histories[m], strict=True)]
+    means = aggregate(rows, KEYS, SPREAD, MEAN_ONLY)
 
-    md = table(rows)
-    header = (f"model {model}, {num_clients} clients, {rounds} rounds, partition {partition}, seed "
-              f"{configs[methods[0]]['seed']}")
+    md, note = table(means), spread_note(means)
+    seed_text = f"seed{'s' if len(seeds.values) > 1 else ''} {seeds.label()}"
+    header = f"model {model}, {num_clients} clients, {rounds} rounds, partition {partition}, {seed_text}"
     print(header)
     print(md)
-    (root / "compare.md").write_text(f"{header}\n\n{md}\n")
+    if note:
+        print(note)
+    (root / "compare.md").write_text(f"{header}\n\n{md}\n" + (f"\n{note}\n" if note else ""))
     write_csv(rows, root / "compare.csv", COLUMNS)
+    write_csv(means, root / "compare-mean.csv", MEAN_COLUMNS)
     plot(histories, root / "compare.png", f"{model}, {num_clients} clients, {partition}")
-    print(f"compare: {len(methods)} methods -> {root}/compare.{{md,csv,png}}")
+    print(f"compare: {len(methods)} methods x {len(seeds.values)} seed(s) -> {root}/compare.{{md,csv,png}}, "
+          f"{root}/compare-mean.csv")
     return 0
 
 

@@ -3,13 +3,17 @@
     python -m simulations.privacy_sweep                                   # tiny model, eps 1,3,8,inf, 4 methods
     python -m simulations.privacy_sweep --real                            # the pretrained MiniLM
     python -m simulations.privacy_sweep --epsilons 2,inf --methods fedit,fedsvd --set privacy.delta=1e-6
+    python -m simulations.privacy_sweep --seeds 0,1,2                     # every cell 3 times: mean +- std
 
 Each cell (method, target epsilon) is one in-process federation (simulations.cells), with
 ``privacy.mode=sample`` (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP
 baseline (``privacy.mode=none``). ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead.
-Cell folders land under ``<output>/<method>-eps<eps>/``; ``sweep.csv``/``sweep.md``/``sweep.png`` summarise
-them. A cell whose ``summary.json`` has the requested rounds and whose ``run.json`` has the same config is
-reused, so an interrupted sweep continues where it stopped (delete a cell's folder to redo it).
+Cell folders land under ``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed;
+``--real`` runs 3 seeds, 42,43,44, unless told otherwise). ``sweep.md`` shows mean +- std over the seeds and
+their count n, ``sweep.csv`` has one row per (cell, seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``,
+``<col>_std``), ``sweep.png`` the mean with +- std error bars. A run whose ``summary.json`` has the requested
+rounds and whose ``run.json`` has the same config is reused, so an interrupted sweep continues where it stopped
+and a seed added later runs only that seed (delete a folder to redo it).
 """
 
 from __future__ import annotations
@@ -21,17 +25,35 @@ from typing import Any
 
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
-from simulations.cells import add_common_arguments, preset_base, run_or_reuse, runner_main, write_csv
+from simulations.cells import (
+    Job,
+    add_common_arguments,
+    aggregate,
+    aggregate_columns,
+    pm,
+    preset_base,
+    resolve_seeds,
+    run_jobs,
+    runner_main,
+    write_csv,
+)
 
-COLUMNS = ["method", "epsilon", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
+COLUMNS = ["method", "epsilon", "seed", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_up_per_round", "wall_seconds"]
+# sweep-mean.csv: mean and std of what the seed changes; the mean alone of what it does not (the accountant's
+# epsilon and the bytes are fixed by the config) or what is a cost rather than a result.
+KEYS = ["method", "epsilon"]
+SPREAD = ["final_accuracy", "best_accuracy", "final_loss"]
+MEAN_ONLY = ["epsilon_spent", "bytes_up_per_round", "wall_seconds"]
+MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look
-# (short sequences, few steps); MiniLM keeps the config defaults, which are tuned for it (as `make demo`).
+# (short sequences, few steps); MiniLM keeps the config defaults, which are tuned for it (as `make demo`), over 3
+# seeds, so that a trade-off can be told from the seed spread (--seeds 42 for one).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
-    "minilm": {"rounds": 5, "num_clients": 4, "overrides": {}},
+    "minilm": {"rounds": 5, "num_clients": 4, "seeds": 3, "overrides": {}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
 
@@ -73,9 +95,9 @@ def cell_config(base: dict[str, Any], method: str, eps: float, out: Path) -> dic
     return FedLoraConfig.from_run_config(cfg).to_run_config()
 
 
-def row(method: str, eps: float, summary: dict) -> dict[str, Any]:
+def row(method: str, eps: float, seed: int, summary: dict) -> dict[str, Any]:
     up = summary.get("bytes_up_per_round") or []
-    return {"method": method, "epsilon": eps_label(eps), "epsilon_spent": summary.get("epsilon"),
+    return {"method": method, "epsilon": eps_label(eps), "seed": seed, "epsilon_spent": summary.get("epsilon"),
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
             "final_loss": summary.get("final_loss"), "bytes_up_per_round": up[-1] if up else None,
             "wall_seconds": summary.get("wall_seconds")}
@@ -86,18 +108,20 @@ def _f(v: float | None, spec: str = ".3f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | epsilon | epsilon spent | final acc | best acc | final loss | up / round | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The markdown table of the aggregate rows (one per cell): results as mean +- std over the n seeds."""
+    lines = ["| method | epsilon | n | epsilon spent | final acc | best acc | final loss | up / round | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         up = "-" if r["bytes_up_per_round"] is None else f"{r['bytes_up_per_round'] / 1e3:,.1f} kB"
-        lines.append(f"| {r['method']} | {r['epsilon']} | {_f(r['epsilon_spent'], '.2f')} | "
-                     f"{_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} | {_f(r['final_loss'])} | {up} | "
+        lines.append(f"| {r['method']} | {r['epsilon']} | {r['n']} | {_f(r['epsilon_spent'], '.2f')} | "
+                     f"{pm(r, 'final_accuracy')} | {pm(r, 'best_accuracy')} | {pm(r, 'final_loss')} | {up} | "
                      f"{_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Final accuracy vs epsilon on a log axis; the no-DP point sits one step right of the largest epsilon."""
+    """Final accuracy (mean over the seeds, error bars +- one std) vs epsilon on a log axis, each method nudged
+    sideways; the no-DP point sits one step right of the largest epsilon."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,18 +130,25 @@ def plot(rows: list[dict], path: Path) -> None:
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
     no_dp = finite[-1] * 4 if finite else 1.0
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        dodge = 1.06 ** (i - (len(methods) - 1) / 2)  # methods side by side at each epsilon: bars do not overlap
         pts = sorted((no_dp if r["epsilon"] == "inf" else float(r["epsilon"]),
-                      math.nan if r["final_accuracy"] is None else r["final_accuracy"])
+                      math.nan if r["final_accuracy_mean"] is None else r["final_accuracy_mean"],
+                      r["final_accuracy_std"] or 0.0)
                      for r in rows if r["method"] == method)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+        n = max(r["n"] for r in rows if r["method"] == method)
+        ax.errorbar([x * dodge for x, _, _ in pts], [y for _, y, _ in pts], yerr=[s for _, _, s in pts], marker="o",
+                    capsize=3, label=method if n == 1 else f"{method} (n={n})")
     ax.set_xscale("log")
     ticks = finite + ([no_dp] if any(r["epsilon"] == "inf" for r in rows) else [])
     ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["no DP"] if len(ticks) > len(finite) else []))
     ax.minorticks_off()
     if finite and len(ticks) > len(finite):
         ax.axvline(math.sqrt(finite[-1] * no_dp), color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="target epsilon (log scale)", ylabel="final test accuracy", title="fedlora: accuracy vs privacy")
+    seeded = any(r["n"] > 1 for r in rows)
+    ax.set(xlabel="target epsilon (log scale)", ylabel="final test accuracy" + (" (mean +- std)" if seeded else ""),
+           title="fedlora: accuracy vs privacy")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -138,25 +169,31 @@ def run(args: argparse.Namespace) -> int:
     quiet_flower()
     model, rounds, num_clients, base = preset_base(args, PRESETS, DEFAULT_PRESET)
     epsilons = parse_epsilons(args.epsilons)
+    seeds = resolve_seeds(args.seeds, PRESETS.get(model, DEFAULT_PRESET), base)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     root = Path(args.output)
-    # Every cell's config is validated before the first one runs: a typo fails now, not after an hour.
+    # Every run's config is validated before the first one runs: a typo fails now, not after an hour. Seed by
+    # seed: an interrupted sweep has the whole grid at the first seeds.
     cells = [(m, e, cell_dir(root, m, e)) for e in epsilons for m in methods]
-    configs = [cell_config(base, m, e, out) for m, e, out in cells]
+    jobs = [Job(f"{m} eps={eps_label(e)}", seed, cell, cell_config({**base, "seed": seed}, m, e, seeds.dir(cell, seed)))
+            for seed in seeds.values for m, e, cell in cells]
+    if len(seeds.values) > 1:
+        print(f"sweep: {len(cells)} cells x {len(seeds.values)} seeds = {len(jobs)} runs (finished ones are reused)",
+              flush=True)
 
-    results: dict[tuple[str, float], dict] = {}
-    for i, ((method, eps, out), cfg) in enumerate(zip(cells, configs, strict=True), 1):
-        tag = f"[{i}/{len(cells)}] {method} eps={eps_label(eps)}"
-        summary = run_or_reuse(tag, method, cfg, out, num_clients)
-        results[method, eps] = summary
-
-    rows = [row(m, e, results[m, e]) for m in methods for e in epsilons]
-    md = table(rows)
+    done = run_jobs(jobs, seeds, num_clients)
+    summaries = {(job.tag, job.seed): summary for job, (summary, _) in zip(jobs, done, strict=True)}
+    rows = [row(m, e, seed, summaries[f"{m} eps={eps_label(e)}", seed])
+            for m in methods for e in epsilons for seed in seeds.values]
+    means = aggregate(rows, KEYS, SPREAD, MEAN_ONLY)
+    md = table(means)
     print(md)
     (root / "sweep.md").write_text(md + "\n")
     write_csv(rows, root / "sweep.csv", COLUMNS)
-    plot(rows, root / "sweep.png")
-    print(f"sweep: {len(cells)} cells -> {root}/sweep.{{md,csv,png}}")
+    write_csv(means, root / "sweep-mean.csv", MEAN_COLUMNS)
+    plot(means, root / "sweep.png")
+    print(f"sweep: {len(cells)} cells x {len(seeds.values)} seed(s) -> {root}/sweep.{{md,csv,png}}, "
+          f"{root}/sweep-mean.csv")
     return 0
 
 

@@ -1,9 +1,12 @@
-"""`fedlora compare` end to end on the tiny model: the table's numbers come from the runs, reuse, ranks, errors."""
+"""`fedlora compare` end to end on the tiny model: the table's numbers come from the runs, reuse, ranks, errors,
+and --seeds (per-seed folders, mean +- std, reuse seed by seed)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+import statistics
 
 import pytest
 
@@ -15,8 +18,8 @@ FAST = ["train.local-steps=2", "train.batch-size=8", "model.max-length=32", "dat
 METHODS = ["fedit", "fed_sb", "flexlora", "fedit+int8"]
 
 
-def run_compare(out, *extra: str) -> int:
-    argv = ["compare", "--methods", ",".join(METHODS), "--rounds", "2", "--num-clients", "3", "--ranks", "1,2",
+def run_compare(out, *extra: str, methods: list[str] = METHODS) -> int:
+    argv = ["compare", "--methods", ",".join(methods), "--rounds", "2", "--num-clients", "3", "--ranks", "1,2",
             "--partition", "dirichlet", "--alpha", "0.5", "--output", str(out), *extra]
     for pair in FAST:
         argv += ["--set", pair]
@@ -30,8 +33,8 @@ def compared(tmp_path_factory):
     return out
 
 
-def read_rows(out) -> list[dict]:
-    with open(out / "compare.csv", newline="") as f:
+def read_rows(out, name: str = "compare.csv") -> list[dict]:
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -91,10 +94,20 @@ def test_ranks_go_only_to_heterogeneous_methods(compared):
 def test_outputs_written(compared):
     md = (compared / "compare.md").read_text().splitlines()
     assert md[0].startswith("model tiny, 3 clients, 2 rounds, partition dirichlet(0.5)")
-    assert md[2].startswith("| method | final acc | best acc | final loss | down / round")
+    assert md[0].endswith(", seed 42")
+    assert md[2].startswith("| method | n | final acc | best acc | final loss | down / round")
     assert [line.split("|")[1].strip() for line in md[4:]] == METHODS
+    assert "\u00b1" not in "\n".join(md)  # one seed: no spread to show
     png = (compared / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # Without --seeds: one run per method in <method>/ (the layout from before seeds), n = 1, std left empty.
+    assert not list(compared.glob("*/seed-*"))
+    means = read_rows(compared, "compare-mean.csv")
+    assert list(means[0]) == compare.MEAN_COLUMNS
+    for mean, r in zip(means, read_rows(compared), strict=True):
+        assert (mean["method"], mean["n"], mean["seeds"], r["seed"]) == (r["method"], "1", "42", "42")
+        assert float(mean["final_accuracy_mean"]) == pytest.approx(float(r["final_accuracy"]))
+        assert mean["final_accuracy_std"] == ""
 
 
 def test_second_call_reuses_finished_methods(compared, capsys):
@@ -132,3 +145,96 @@ def test_a_started_run_removes_the_previous_summary(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"rounds": 3}))
     Reporter(FedLoraConfig(), tmp_path, printer=lambda *_: None).start()
     assert not (tmp_path / "summary.json").exists()
+
+
+SEEDED = ["fedit", "fed_sb"]
+
+
+@pytest.fixture(scope="module")
+def seeded(compared, tmp_path_factory):
+    """``--seeds 42,7`` for two methods in a folder holding their single-seed runs of ``compared`` (seed 42, the
+    old ``<method>/`` layout, copied): seed 42 is reused from there and only seed 7 runs."""
+    out = tmp_path_factory.mktemp("compare-seeds")
+    for m in SEEDED:
+        shutil.copytree(compared / m, out / m)
+    assert run_compare(out, "--seeds", "42,7", methods=SEEDED) == 0
+    return out
+
+
+def test_seeds_run_into_per_seed_folders_and_reuse_an_old_single_seed_run(seeded, compared):
+    for m in SEEDED:
+        assert not (seeded / m / "seed-42").exists()  # reused from <method>/ itself
+        assert (seeded / m / "summary.json").stat().st_mtime_ns == (compared / m / "summary.json").stat().st_mtime_ns
+        ran = json.loads((seeded / m / "seed-7" / "run.json").read_text())["run_config"]
+        assert ran["seed"] == 7 and ran["output-dir"] == str(seeded / m / "seed-7")
+
+
+def test_seeds_csv_aggregates_the_per_seed_rows(seeded):
+    rows = read_rows(seeded)
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in SEEDED for s in ("42", "7")]
+    for r in rows:
+        folder = seeded / r["method"] / ("" if r["seed"] == "42" else f"seed-{r['seed']}")
+        assert float(r["final_accuracy"]) == pytest.approx(json.loads((folder / "summary.json").read_text())
+                                                           ["final_accuracy"])
+    means = read_rows(seeded, "compare-mean.csv")
+    assert [(m["method"], m["n"], m["seeds"]) for m in means] == [(m, "2", "42;7") for m in SEEDED]
+    for mean in means:
+        mine = [r for r in rows if r["method"] == mean["method"]]
+        for col in compare.SPREAD:
+            values = [float(r[col]) for r in mine]
+            assert float(mean[f"{col}_mean"]) == pytest.approx(statistics.fmean(values)), col
+            assert float(mean[f"{col}_std"]) == pytest.approx(statistics.stdev(values)), col  # ddof = 1
+        assert float(mean["bytes_total"]) == float(mine[0]["bytes_total"]) == float(mine[1]["bytes_total"])
+
+
+def test_seeds_markdown_shows_mean_pm_std_and_the_spread_reading(seeded):
+    md = (seeded / "compare.md").read_text().splitlines()
+    assert md[0].endswith(", seeds 42,7")
+    means = {m["method"]: m for m in read_rows(seeded, "compare-mean.csv")}
+    for line in md[4:6]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        mean = means[cells[0]]
+        assert cells[1] == "2"
+        assert cells[2] == f"{float(mean['final_accuracy_mean']):.3f} \u00b1 {float(mean['final_accuracy_std']):.3f}"
+    assert md[-1].startswith("Best final acc: ") and "within one std of it:" in md[-1]
+    png = (seeded / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_adding_a_seed_runs_only_that_seed(seeded, capsys):
+    finished = [seeded / "fedit" / "summary.json", seeded / "fedit" / "seed-7" / "summary.json"]
+    stamps = [p.stat().st_mtime_ns for p in finished]
+    capsys.readouterr()
+    assert run_compare(seeded, "--seeds", "42,7,8", methods=["fedit"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/3] fedit seed=42 ... reused" in printed and "[2/3] fedit seed=7 ... reused" in printed
+    assert "[3/3] fedit seed=8 ... running" in printed and printed.count("... running") == 1
+    assert [p.stat().st_mtime_ns for p in finished] == stamps
+    assert read_rows(seeded, "compare-mean.csv")[0]["n"] == "3"
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+@pytest.mark.parametrize(("seeds", "why"), [("a,b", "'a' is not a whole number"), ("", "is empty"),
+                                            (" , ", "is empty"), ("0,1,0", "seed 0 appears twice"),
+                                            ("-1", "negative")])
+def test_bad_seeds_are_a_config_error_before_anything_runs(command, seeds, why, tmp_path, capsys):
+    assert cli.main([command, "--methods", "fedit", "--seeds", seeds, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and why in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_seeds_and_a_single_seed_together_are_a_config_error(tmp_path, capsys):
+    assert cli.main(["compare", "--methods", "fedit", "--seed", "3", "--seeds", "0,1", "--output", str(tmp_path)]) == 2
+    assert "keep one" in capsys.readouterr().err
+    assert cli.main(["sweep", "--set", "seed=3", "--seeds", "0,1", "--output", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_default_seeds_come_from_the_model_preset():
+    from simulations.cells import Seeds, resolve_seeds
+
+    assert resolve_seeds(None, compare.PRESETS["tiny"], {}) == Seeds((42,), per_seed_dirs=False)  # old layout
+    assert resolve_seeds(None, compare.PRESETS["minilm"], {}) == Seeds((42, 43, 44), per_seed_dirs=True)  # --real
+    assert resolve_seeds(None, compare.PRESETS["minilm"], {"seed": 7}).values == (7, 8, 9)
+    assert resolve_seeds(" 3, 1 ", compare.PRESETS["tiny"], {}) == Seeds((3, 1), per_seed_dirs=True)

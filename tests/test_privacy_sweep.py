@@ -1,7 +1,8 @@
 """simulations.privacy_sweep end to end on the tiny model: cells, table, CSV, plot, and resume.
 
 Both tests share one sweep folder: the no-DP grid runs first, the full grid then reuses its cells and adds the
-DP ones, and a second invocation of the full grid must re-run nothing.
+DP ones, and a second invocation of the full grid must re-run nothing. The seeds test starts from a copy of one
+of its single-seed cells.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import statistics
 
 import pytest
 
@@ -26,8 +29,8 @@ def sweep_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("privacy-sweep")
 
 
-def sweep(out, epsilons: str) -> int:
-    argv = ["--epsilons", epsilons, "--methods", ",".join(METHODS), "--rounds", "1", "--num-clients", "2",
+def sweep(out, epsilons: str, *extra: str, methods: list[str] = METHODS) -> int:
+    argv = ["--epsilons", epsilons, "--methods", ",".join(methods), *extra, "--rounds", "1", "--num-clients", "2",
             "--output", str(out)]
     for pair in FAST:
         argv += ["--set", pair]
@@ -53,7 +56,7 @@ def check_outputs(out, epsilons: list[str]) -> list[dict]:
         assert float(r["final_accuracy"]) == pytest.approx(summary["final_accuracy"])
 
     md = (out / "sweep.md").read_text().splitlines()
-    assert md[0].startswith("| method | epsilon | epsilon spent | final acc")
+    assert md[0].startswith("| method | epsilon | n | epsilon spent | final acc")
     assert md[1].startswith("|---")
     assert [tuple(c.strip() for c in line.split("|")[1:3]) for line in md[2:]] == expected
 
@@ -100,6 +103,38 @@ def test_sweep_with_dp(sweep_dir, capsys):
             run = json.loads((sweep_dir / f"{r['method']}-eps8" / "run.json").read_text())["run_config"]
             assert run["privacy.mode"] == "sample" and run["privacy.target-epsilon"] == 8.0
     check_resume(sweep_dir, "8,inf", capsys)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_seeds_per_cell_reused_seed_by_seed_and_aggregated(sweep_dir, tmp_path, capsys):
+    """--seeds 42,1 over a copy of a single-seed cell (seed 42, the layout from before seeds) runs seed 1 only;
+    sweep-mean.csv holds mean, std (ddof 1) and n of the per-seed rows. (Adding a seed to a seeded folder runs
+    only that seed: tests/test_compare.py, through the same simulations.cells.run_jobs.)"""
+    out = tmp_path / "seeded"
+    shutil.copytree(sweep_dir / "fedit-epsinf", out / "fedit-epsinf")
+    capsys.readouterr()
+    assert sweep(out, "inf", "--seeds", "42,1", methods=["fedit"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] fedit eps=inf seed=42 ... reused" in printed and "[2/2] fedit eps=inf seed=1 ... running" in printed
+    assert [p.name for p in (out / "fedit-epsinf").glob("seed-*")] == ["seed-1"]
+
+    rows = read_csv(out / "sweep.csv")
+    assert [r["seed"] for r in rows] == ["42", "1"]
+    (mean,) = read_csv(out / "sweep-mean.csv")
+    assert list(mean) == privacy_sweep.MEAN_COLUMNS
+    assert (mean["method"], mean["epsilon"], mean["n"], mean["seeds"]) == ("fedit", "inf", "2", "42;1")
+    for col in privacy_sweep.SPREAD:
+        values = [float(r[col]) for r in rows]
+        assert float(mean[f"{col}_mean"]) == pytest.approx(statistics.fmean(values)), col
+        assert float(mean[f"{col}_std"]) == pytest.approx(statistics.stdev(values)), col
+    assert float(mean["bytes_up_per_round"]) == float(rows[0]["bytes_up_per_round"])
+    line = (out / "sweep.md").read_text().splitlines()[2]
+    assert f"| fedit | inf | 2 | - | {float(mean['final_accuracy_mean']):.3f} \u00b1 " in line
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_epsilons_fail_before_any_cell(tmp_path, capsys):
