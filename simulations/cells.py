@@ -196,6 +196,7 @@ class Job:
     seed: int
     cell: Path
     cfg: dict[str, Any]
+    clients: int = 0  # this job's number of clients (0 = the run's; the centralised reference has 1)
 
 
 def run_jobs(jobs: list[Job], seeds: Seeds, num_clients: int) -> list[tuple[dict, Path]]:
@@ -208,7 +209,7 @@ def run_jobs(jobs: list[Job], seeds: Seeds, num_clients: int) -> list[tuple[dict
         if out != job.cell and finished(out, job.cfg) is None and finished(job.cell, job.cfg) is not None:
             out = job.cell
         tag = f"[{i}/{len(jobs)}] {job.tag}" + (f" seed={job.seed}" if seeds.per_seed_dirs else "")
-        done.append((run_or_reuse(tag, job.cfg["method.name"], job.cfg, out, num_clients), out))
+        done.append((run_or_reuse(tag, job.cfg["method.name"], job.cfg, out, job.clients or num_clients), out))
     return done
 
 

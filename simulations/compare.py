@@ -6,6 +6,7 @@
     fedlora compare --ranks 2,4,8                    # heterogeneous client ranks for flora/flexlora/hetlora
     fedlora compare --methods fedit,fedit+int8       # a method with its messages compressed (wire.*) beside it
     fedlora compare --methods fedit,fedit+adam       # ... or with a server optimiser (method.server-opt)
+    fedlora compare --methods fedit,ffa,centralised  # + one client on all the data, for the same total steps
 
 Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
 per-round metrics, checkpoint, adapter), or with ``--seeds 0,1,2`` once per seed into
@@ -67,14 +68,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {"fraction-evaluate": 0.0}}
 
 
-def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str) -> dict[str, Any]:
+CENTRALISED = "centralised"  # the reference row: one client holding the union of the clients' data
+
+
+def centralised_config(base: dict[str, Any], out: Path, num_clients: int) -> dict[str, Any]:
+    """The centralised LoRA reference: FedIT's client on all of the clients' training data together (one client,
+    one partition), for the federation's total number of optimizer steps (rounds x sampled clients x local steps,
+    as ``train.local-steps`` x sampled clients per round), same batch size, learning rate and evaluation. Its AdamW
+    restarts each round, as every fedlora client's does."""
+    cfg = FedLoraConfig.from_run_config({k: v for k, v in base.items()})
+    sampled = max(1, round(cfg.run.fraction_train * num_clients))
+    return FedLoraConfig.from_run_config({
+        **base, "method.name": "fedit", "output-dir": str(out), "min-nodes": 1, "fraction-train": 1.0,
+        "train.local-steps": cfg.train.local_steps * sampled}).to_run_config()
+
+
+def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str, num_clients: int = 0) -> dict[str, Any]:
     """One ``--methods`` entry's full, validated run config: ``method``, optionally with ``+codec`` (its messages in
-    that wire codec both ways) and ``+optimiser`` (method.server-opt); ``ranks`` goes only to methods that take
+    that wire codec both ways) and ``+optimiser`` (method.server-opt), or ``centralised`` (the reference,
+    :func:`centralised_config`, for a federation of ``num_clients``); ``ranks`` goes only to methods that take
     per-client ranks."""
     from fedlora.aggregation import available, get_aggregator
     from fedlora.server_opt import SERVER_OPTS
     from fedlora.wire import CODECS
 
+    if entry == CENTRALISED:
+        return centralised_config(base, out, num_clients)
     method, *variants = entry.split("+")
     if method not in available():
         raise ConfigError(f"--methods: {method!r} is not a known aggregator; choose from {available()}")
@@ -208,7 +227,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The comparison's options on ``p`` (its own parser or a ``fedlora compare`` subparser); sets ``func=run``."""
     from fedlora.aggregation import available
 
-    p.add_argument("--methods", default=",".join(available()), help="aggregators, comma-separated (default: all)")
+    p.add_argument("--methods", default=",".join(available()),
+                   help="aggregators, comma-separated (default: all); 'method+adam' / 'method+int8' add a server "
+                        f"optimiser / a wire codec; '{CENTRALISED}' adds the centralised LoRA reference")
     add_common_arguments(p, real_help="the pretrained MiniLM with its settings", per="method")
     p.add_argument("--data", help="austen (built in) | a local data folder")
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
@@ -235,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--methods is empty; use e.g. 'fedit,fed_sb' or leave it out for all")
     # Every run's config is validated before the first one runs: a typo fails now, not after an hour. Seed by
     # seed: an interrupted comparison has every method at the first seeds.
-    jobs = [Job(m, seed, root / m, method_config({**base, "seed": seed}, m, seeds.dir(root / m, seed), args.ranks))
+    jobs = [Job(m, seed, root / m, method_config({**base, "seed": seed}, m, seeds.dir(root / m, seed), args.ranks,
+                                                 num_clients), clients=1 if m == CENTRALISED else 0)
             for seed in seeds.values for m in methods]
     partition = "iid" if base["data.partition"] == "iid" else f"dirichlet({float(base['data.dirichlet-alpha']):g})"
     if len(seeds.values) > 1:

@@ -15,7 +15,7 @@ from simulations import compare
 
 FAST = ["train.local-steps=2", "train.batch-size=8", "model.max-length=32", "data.max-eval-examples=64",
         "adapter.rank=4"]
-METHODS = ["fedit", "fed_sb", "flexlora", "fedit+int8"]
+METHODS = ["fedit", "fed_sb", "flexlora", "fedit+int8", "centralised"]
 
 
 def run_compare(out, *extra: str, methods: list[str] = METHODS) -> int:
@@ -77,6 +77,15 @@ def test_a_compressed_entry_runs_its_method_in_that_codec(compared):
         compare.method_config({}, "fedit+fp8", compared / "x", "")
     both = compare.method_config({}, "ffa+adam+bfloat16", compared / "x", "")
     assert both["method.server-opt"] == "adam" and both["wire.upload"] == "bfloat16"
+
+
+def test_the_centralised_reference_is_one_client_on_all_data_for_the_same_total_steps(compared):
+    fed = json.loads((compared / "fedit" / "run.json").read_text())["run_config"]
+    ref = json.loads((compared / "centralised" / "run.json").read_text())["run_config"]
+    assert ref["method.name"] == "fedit" and ref["min-nodes"] == 1
+    assert ref["train.local-steps"] == 3 * fed["train.local-steps"]  # 3 clients' steps a round, one client
+    hist = [json.loads(line) for line in (compared / "centralised" / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["clients_sampled"] == 1 for h in hist[1:]) and len(hist) == 3
 
 
 def test_fed_sb_uploads_only_r_and_head(compared):
