@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedlora import naming
-from fedlora.aggregation import available
+from fedlora.aggregation import aggregator_class, available
 from fedlora.checkpoint import load_checkpoint
 from fedlora.components import make_aggregator
 from fedlora.config import FedLoraConfig
@@ -31,13 +31,18 @@ def _adapter_changed(out, overrides) -> bool:
 
 @pytest.mark.parametrize("method", available())
 def test_every_method_fine_tunes_the_causal_lm(method, tmp_path) -> None:
-    overrides = {"method.name": method, **({"adapter.ranks": RANKS} if method in HETEROGENEOUS else {})}
+    personal = bool(aggregator_class(method).personal)  # FedSA-LoRA: each client's own B; no global model
+    overrides = {"method.name": method, **({"adapter.ranks": RANKS} if method in HETEROGENEOUS else {}),
+                 **({"fraction-evaluate": 1.0} if personal else {})}
     _, rows, _ = run_local(tmp_path, **LM, **overrides)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients_aggregated"] == 3 and not r["rejected"] for r in rows[1:])
     for r in rows:
         assert math.isfinite(r["global_loss"]) and r["global_perplexity"] == pytest.approx(math.exp(r["global_loss"]))
-    assert rows[-1]["global_loss"] < rows[0]["global_loss"], f"{method}: held-out perplexity did not fall"
+    if personal:  # the server's model is the shared part with B = 0; what learns is each client's own model
+        assert rows[2]["fed_loss"] < rows[1]["fed_loss"], f"{method}: the clients' own perplexity did not fall"
+    else:
+        assert rows[-1]["global_loss"] < rows[0]["global_loss"], f"{method}: held-out perplexity did not fall"
     assert _adapter_changed(tmp_path, overrides), f"{method}: the global adapter did not change"
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and not config["modules_to_save"]
