@@ -96,7 +96,7 @@ def save_personal(cfg: FedLoraConfig, context: Context, partition_id: int, tenso
 
 
 def _personal_file(cfg: FedLoraConfig, partition_id: int) -> Path | None:
-    folder = getattr(cfg.method, "fedsa_state_dir", "")
+    folder = cfg.method.fedsa_state_dir
     return Path(folder).expanduser() / f"personal-partition-{partition_id}.safetensors" if folder else None
 
 
