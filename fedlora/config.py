@@ -109,6 +109,9 @@ class DataConfig:
     dirichlet_alpha: float = 1.0
     min_partition_size: int = 10
     max_eval_examples: int = field(default=400, metadata={"help": "server-side test examples (0 = all)"})
+    validation_fraction: float = field(default=0.0, metadata={
+        "help": "> 0: hold out this fraction of train per class (seeded by seed) as a validation split that stands "
+                "in for test everywhere, so hyperparameters are tuned without reading test (0 = off)"})
     format: str = field(default="text", metadata={"help": "causal_lm: text | instruction (JSONL instruction, "
                                                           "input, response; loss on the response only)"})
     text_field: str = field(default="text", metadata={"help": "causal_lm: JSONL field holding the text"})
@@ -276,6 +279,8 @@ class FedLoraConfig:
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0"),
             (self.data.min_partition_size >= 0, "data.min-partition-size", "must be >= 0"),
+            (0 <= self.data.validation_fraction < 1, "data.validation-fraction",
+             "must be in [0, 1): the share of train held out for validation, e.g. 0.15 (0 = evaluate on test)"),
             (self.method.weighting in ("num_examples", "uniform"), "method.weighting",
              "must be 'num_examples' or 'uniform'"),
             (self.method.name in available(), "method.name", f"is not a known aggregator; choose one of {available()}"),

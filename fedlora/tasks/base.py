@@ -157,10 +157,26 @@ class Task(ABC):
         raise ConfigError(f"run-config data.partition={scheme!r} is not implemented by model.task={self.name!r}")
 
     # -- data: shared ---------------------------------------------------------------------------------------
+    def source_key(self) -> tuple:
+        """What decides the examples of a split: the task's :meth:`data_key` and the validation carve-out."""
+        f = self.cfg.data.validation_fraction
+        return (*self.data_key(), f, self.cfg.run.seed if f else None)
+
     def dataset(self, split: str) -> Split:
-        key = (self.name, split, *self.data_key())
+        """All examples of ``split``. With ``data.validation-fraction`` f > 0, "train" is the train split less a
+        seeded share f of each class and "test" is that held-out share: every evaluation (the server's, the
+        clients' own) then reads validation data, and the test split is never loaded (tuning on it would report
+        an optimistic number)."""
+        key = (self.name, split, *self.source_key())
         if key not in _DATASETS:
-            _DATASETS[key] = self.load_split(split)
+            f = self.cfg.data.validation_fraction
+            if f and split in ("train", "test"):
+                full = self.load_split("train")
+                held = validation_indices(full.labels, f, self.cfg.run.seed)
+                keep = sorted(set(range(len(full))) - set(held))
+                _DATASETS[key] = full.subset(held if split == "test" else keep)
+            else:
+                _DATASETS[key] = self.load_split(split)
         return _DATASETS[key]
 
     def partitions(self, split: str, num_partitions: int) -> list[list[int]]:
@@ -168,7 +184,7 @@ class Task(ABC):
         evaluation uses each client's own kind of data; the minimum partition size applies to train only."""
         d = self.cfg.data
         min_size = d.min_partition_size if split == "train" else 0
-        key = (self.name, split, *self.data_key(), num_partitions, d.partition, d.dirichlet_alpha, self.cfg.run.seed,
+        key = (self.name, split, *self.source_key(), num_partitions, d.partition, d.dirichlet_alpha, self.cfg.run.seed,
                min_size)
         if key not in _PARTITIONS:
             ds = self.dataset(split)
@@ -201,7 +217,7 @@ class Task(ABC):
     def client_data(self, split: str, partition_id: int, num_partitions: int) -> Encoded:
         """(num examples, inputs, targets) of a client's split, tokenised once per process."""
         d = self.cfg.data
-        key = (self.name, split, *self.data_key(), *self.encoding_key(), partition_id, num_partitions, d.partition,
+        key = (self.name, split, *self.source_key(), *self.encoding_key(), partition_id, num_partitions, d.partition,
                d.dirichlet_alpha, d.min_partition_size, self.cfg.run.seed)
         if key not in _ENCODED:
             enc, targets = self.encode(self.client_dataset(split, partition_id, num_partitions))
@@ -273,6 +289,22 @@ class Task(ABC):
     def finish(self, aggregator: Any, state: dict[str, torch.Tensor], out: Path) -> str | None:
         """What a run writes for a person to read at its end (e.g. generations); returns a line to print."""
         return None
+
+
+def validation_indices(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Sorted indices of a seeded, per-class share ``fraction`` of the examples (at least one of every class with
+    two or more, so that validation sees each class and train keeps it)."""
+    gen = torch.Generator().manual_seed(seed + 7919)  # not the partition's own stream: the carve-out is its own draw
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    held: list[int] = []
+    for y in sorted(by_class):
+        members = by_class[y]
+        take = min(len(members) - 1, max(1, round(fraction * len(members))))
+        order = torch.randperm(len(members), generator=gen)[:take].tolist()
+        held.extend(members[j] for j in order)
+    return sorted(held)
 
 
 _REGISTRY: dict[str, type[Task]] = {}
