@@ -101,3 +101,20 @@ def test_adapters_on_the_bottom_layer_leave_nothing_to_cache():
 def test_a_federation_trains_on_the_cached_prefix(tmp_path):
     _, rows, _ = run_local(tmp_path, num_nodes=2, **{"adapter.target-modules": TOP, "train.cache-frozen-layers": True})
     assert all(r["clients_aggregated"] == 2 for r in rows[1:]) and rows[-1]["train_loss"] is not None
+
+
+def test_evaluation_on_the_cached_prefix_equals_the_full_forward_and_is_cached(monkeypatch):
+    cfg, task, model, data = _setup()
+    n, enc, targets = data
+    plain = get_task(FedLoraConfig.from_run_config({**cfg.to_run_config(), "train.cache-frozen-layers": False}))
+    full = plain.evaluate(model, enc, targets)
+    calls = []
+    real = type(model.base_model).forward
+    monkeypatch.setattr(type(model.base_model), "forward",
+                        lambda self, *a, **k: (calls.append(k.get("inputs_embeds") is None), real(self, *a, **k))[1])
+    cached = task.evaluate(model, enc, targets)
+    first_pass = calls.count(True)
+    again = task.evaluate(model, enc, targets)
+    assert cached == pytest.approx(full, abs=1e-6) and again == pytest.approx(full, abs=1e-6)
+    assert first_pass > 0 and calls.count(True) == first_pass  # the second evaluation ran no frozen layer
+    assert len(model.base_model.encoder.layer) == 2

@@ -100,4 +100,15 @@ class ClassificationTask(Task):
         return classification_loss(model, enc, targets, idx)
 
     def evaluate(self, model: nn.Module, enc: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
-        return evaluate_classifier(model, enc, targets, self.cfg.train.eval_batch_size)
+        """Held-out loss and accuracy; with ``train.cache-frozen-layers`` the frozen layers' output for this evaluation
+        set is computed once per process too (the server evaluates the same set every round), and equals the full
+        forward pass (eval mode: no dropout anywhere)."""
+        bs = self.cfg.train.eval_batch_size
+        if not self.cfg.train.cache_frozen_layers:
+            return evaluate_classifier(model, enc, targets, bs)
+        from fedlora.prefix import from_layer, prefix_inputs
+
+        device = targets.device
+        cached = {k: v.to(device) for k, v in prefix_inputs(model, enc, bs).items()}
+        with from_layer(model, model.fedlora_prefix_start):
+            return evaluate_classifier(model, cached, targets, bs)
