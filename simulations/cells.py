@@ -25,6 +25,7 @@ from fedlora.config import ConfigError
 
 IGNORED_ON_RESUME = ("output-dir", "resume")  # keys that may differ between a finished cell and its re-request
 PM = "\u00b1"  # the +- of "mean +- std" in the markdown tables
+TUNE_FRACTION = 0.15  # the share of train held out as the validation split that --tune-lr reads
 
 
 def run_method(method: str, base: dict[str, Any], out: Path, num_clients: int) -> dict:
@@ -110,6 +111,10 @@ def add_common_arguments(p: argparse.ArgumentParser, real_help: str, per: str) -
     p.add_argument("--num-clients", type=int, help="clients per federation (default: the model's preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any run-config key for every {per}, e.g. adapter.rank=4")
+    p.add_argument("--tune-lr", metavar="LR,LR,...",
+                   help=f"give every {per} its own learning rate: the one of these with the best final accuracy on a "
+                        f"validation split ({TUNE_FRACTION:g} of train, data.validation-fraction) at the first seed, "
+                        "before its seeds run on test; tuning.csv lists every try")
     p.add_argument("--seeds", metavar="S,S,...",
                    help=f"run every {per} once per seed, e.g. 0,1,2, and report mean +- std (default: the model "
                         "preset's count from the config's seed on: 3 for --real (42,43,44), 1 for tiny)")
@@ -211,6 +216,62 @@ def run_jobs(jobs: list[Job], seeds: Seeds, num_clients: int) -> list[tuple[dict
         tag = f"[{i}/{len(jobs)}] {job.tag}" + (f" seed={job.seed}" if seeds.per_seed_dirs else "")
         done.append((run_or_reuse(tag, job.cfg["method.name"], job.cfg, out, job.clients or num_clients), out))
     return done
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    """'1e-3,5e-3,2e-2' -> (0.001, 0.005, 0.02): learning rates > 0, each once."""
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            lr = float(part)
+        except ValueError:
+            raise ConfigError(f"--tune-lr: {part!r} is not a number; use e.g. '--tune-lr 2e-3,5e-3,2e-2'") from None
+        if not lr > 0 or lr in out:
+            raise ConfigError(f"--tune-lr: {part!r} must be > 0 and listed once, e.g. '--tune-lr 2e-3,5e-3,2e-2'")
+        out.append(lr)
+    if len(out) < 2:
+        raise ConfigError(f"--tune-lr {text!r}: give two or more learning rates to choose from, e.g. 2e-3,5e-3,2e-2")
+    return tuple(out)
+
+
+def tune_lr(jobs: list[Job], lrs: tuple[float, ...], num_clients: int) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Each cell at its own learning rate, chosen on a validation split carved from train (never on test): for every
+    cell (jobs with one tag) run its first seed's config once per lr in ``lrs`` with ``data.validation-fraction``
+    into ``<cell>/tune/lr-<lr>/``, pick the highest final validation accuracy (ties: the lower validation loss), and
+    return the jobs with ``train.lr`` set to it, and one row per (cell, lr) with ``chosen`` marking the pick. One
+    shared lr would favour whichever method it happens to suit."""
+    from fedlora.config import FedLoraConfig
+
+    picks: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    first: dict[str, Job] = {}
+    for job in jobs:
+        first.setdefault(job.tag, job)
+    for tag, job in first.items():
+        tried = []
+        for lr in lrs:
+            out = job.cell / "tune" / f"lr-{lr:g}"
+            cfg = FedLoraConfig.from_run_config({**job.cfg, "train.lr": lr, "data.validation-fraction": TUNE_FRACTION,
+                                                 "output-dir": str(out)}).to_run_config()
+            s = run_or_reuse(f"{tag} tune lr={lr:g}", cfg["method.name"], cfg, out, job.clients or num_clients)
+            tried.append({"cell": tag, "lr": lr, "seed": job.seed, "val_final_accuracy": s.get("final_accuracy"),
+                          "val_final_loss": s.get("final_loss")})
+        best = max(tried, key=lambda r: (_or(r["val_final_accuracy"], -1.0), -_or(r["val_final_loss"], float("inf"))))
+        picks[tag] = best["lr"]
+        rows += [{**r, "chosen": r is best} for r in tried]
+        print(f"{tag}: lr {best['lr']:g} (validation accuracy {_f(best['val_final_accuracy'])} of "
+              + ", ".join(f"{r['lr']:g}: {_f(r['val_final_accuracy'])}" for r in tried) + ")", flush=True)
+    tuned = [Job(job.tag, job.seed, job.cell,
+                 FedLoraConfig.from_run_config({**job.cfg, "train.lr": picks[job.tag]}).to_run_config(), job.clients)
+             for job in jobs]
+    return tuned, rows
+
+
+TUNING_COLUMNS = ["cell", "lr", "seed", "val_final_accuracy", "val_final_loss", "chosen"]
+
+
+def _or(v: float | None, default: float) -> float:
+    return default if v is None else float(v)
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:

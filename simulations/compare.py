@@ -30,29 +30,32 @@ from typing import Any
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
 from simulations.cells import (
+    TUNING_COLUMNS,
     Job,
     add_common_arguments,
     aggregate,
     aggregate_columns,
     mean_std,
     metrics,
+    parse_lrs,
     pm,
     preset_base,
     resolve_seeds,
     run_jobs,
     runner_main,
+    tune_lr,
     write_csv,
 )
 
 COLUMNS = ["method", "seed", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
-           "exactness_max", "exactness_per_round", "wire_error_max", "rounds", "wall_seconds"]
+           "exactness_max", "exactness_per_round", "wire_error_max", "rounds", "lr", "wall_seconds"]
 # compare-mean.csv: mean and std of what the seed changes; the mean alone of what it does not (bytes, rounds: the
 # same for every seed of a config) or what is a cost rather than a result.
 KEYS = ["method", "partition"]
 SPREAD = ["initial_accuracy", "final_accuracy", "best_accuracy", "final_loss"]
 MEAN_ONLY = ["bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round", "exactness_max",
-             "wire_error_max", "rounds", "wall_seconds"]
+             "wire_error_max", "rounds", "lr", "wall_seconds"]
 MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look;
@@ -113,7 +116,8 @@ def method_config(base: dict[str, Any], entry: str, out: Path, ranks: str, num_c
     return FedLoraConfig.from_run_config(cfg).to_run_config()
 
 
-def row(method: str, seed: int, partition: str, summary: dict, history: list[dict]) -> dict[str, Any]:
+def row(method: str, seed: int, partition: str, summary: dict, history: list[dict], lr: float | None = None
+        ) -> dict[str, Any]:
     trained = [r for r in history if r.get("round", 0) > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]
@@ -127,7 +131,7 @@ def row(method: str, seed: int, partition: str, summary: dict, history: list[dic
             "bytes_up_per_round": sum(up) / n, "bytes_total": sum(down) + sum(up),
             "aggregate_ms_per_round": sum(agg_ms) / n, "exactness_max": max(exact) if exact else None,
             "exactness_per_round": ";".join(f"{e:.3e}" for e in exact),
-            "wire_error_max": max(wire) if wire else None, "rounds": len(trained),
+            "wire_error_max": max(wire) if wire else None, "rounds": len(trained), "lr": lr,
             "wall_seconds": summary.get("wall_seconds")}
 
 
@@ -142,14 +146,14 @@ def _kb(v: float) -> str:
 def table(rows: list[dict]) -> str:
     """The markdown table of the aggregate rows (one per method): results as mean +- std over the n seeds."""
     lines = ["| method | n | final acc | best acc | final loss | down / round | up / round | total bytes | "
-             "aggregate ms / round | exactness (worst round) | wire rounding | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "aggregate ms / round | exactness (worst round) | wire rounding | lr | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['n']} | {pm(r, 'final_accuracy')} | {pm(r, 'best_accuracy')} | "
                      f"{pm(r, 'final_loss')} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
                      f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
                      f"{_f(r['exactness_max'], '.1e')} | {_f(r['wire_error_max'], '.1e')} | "
-                     f"{_f(r['wall_seconds'], '.0f')} |")
+                     f"{_f(r.get('lr'), 'g')} | {_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -260,13 +264,19 @@ def run(args: argparse.Namespace) -> int:
                                                  num_clients), clients=1 if m == CENTRALISED else 0)
             for seed in seeds.values for m in methods]
     partition = "iid" if base["data.partition"] == "iid" else f"dirichlet({float(base['data.dirichlet-alpha']):g})"
-    if len(seeds.values) > 1:
-        print(f"compare: {len(methods)} methods x {len(seeds.values)} seeds = {len(jobs)} runs (finished ones are "
-              "reused)", flush=True)
+    lrs = parse_lrs(args.tune_lr) if args.tune_lr else ()
+    if len(seeds.values) > 1 or lrs:
+        print(f"compare: {len(methods)} methods x {len(seeds.values)} seeds = {len(jobs)} runs"
+              + (f", after {len(methods)} x {len(lrs)} learning-rate tries on validation" if lrs else "")
+              + " (finished ones are reused)", flush=True)
+    if lrs:
+        jobs, tried = tune_lr(jobs, lrs, num_clients)
+        write_csv(tried, root / "tuning.csv", TUNING_COLUMNS)
 
+    lr_of = {(job.tag, job.seed): job.cfg["train.lr"] for job in jobs}
     results = {(job.tag, job.seed): done for job, done in zip(jobs, run_jobs(jobs, seeds, num_clients), strict=True)}
     histories = {m: [metrics(results[m, seed][1]) for seed in seeds.values] for m in methods}
-    rows = [row(m, seed, partition, results[m, seed][0], hist)
+    rows = [row(m, seed, partition, results[m, seed][0], hist, lr_of[m, seed])
             for m in methods for seed, hist in zip(seeds.values, histories[m], strict=True)]
     means = aggregate(rows, KEYS, SPREAD, MEAN_ONLY)
 

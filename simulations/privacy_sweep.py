@@ -26,25 +26,28 @@ from typing import Any
 from fedlora.cli import quiet_flower
 from fedlora.config import ConfigError, FedLoraConfig
 from simulations.cells import (
+    TUNING_COLUMNS,
     Job,
     add_common_arguments,
     aggregate,
     aggregate_columns,
+    parse_lrs,
     pm,
     preset_base,
     resolve_seeds,
     run_jobs,
     runner_main,
+    tune_lr,
     write_csv,
 )
 
 COLUMNS = ["method", "epsilon", "seed", "epsilon_spent", "final_accuracy", "best_accuracy", "final_loss",
-           "bytes_up_per_round", "wall_seconds"]
+           "bytes_up_per_round", "lr", "wall_seconds"]
 # sweep-mean.csv: mean and std of what the seed changes; the mean alone of what it does not (the accountant's
 # epsilon and the bytes are fixed by the config) or what is a cost rather than a result.
 KEYS = ["method", "epsilon"]
 SPREAD = ["final_accuracy", "best_accuracy", "final_loss"]
-MEAN_ONLY = ["epsilon_spent", "bytes_up_per_round", "wall_seconds"]
+MEAN_ONLY = ["epsilon_spent", "bytes_up_per_round", "lr", "wall_seconds"]
 MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look
@@ -53,7 +56,10 @@ MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
-    "minilm": {"rounds": 5, "num_clients": 4, "seeds": 3, "overrides": {}},
+    "minilm": {"rounds": 4, "num_clients": 4, "seeds": 3, "overrides": {
+        "adapter.target-modules": r".*layer\.5\..*(query|value)", "train.cache-frozen-layers": True,
+        "train.batch-size": 256, "train.local-steps": 4, "train.lr": 2e-2, "data.partition": "iid",
+        "fraction-evaluate": 0.0}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
 
@@ -95,11 +101,11 @@ def cell_config(base: dict[str, Any], method: str, eps: float, out: Path) -> dic
     return FedLoraConfig.from_run_config(cfg).to_run_config()
 
 
-def row(method: str, eps: float, seed: int, summary: dict) -> dict[str, Any]:
+def row(method: str, eps: float, seed: int, summary: dict, lr: float | None = None) -> dict[str, Any]:
     up = summary.get("bytes_up_per_round") or []
     return {"method": method, "epsilon": eps_label(eps), "seed": seed, "epsilon_spent": summary.get("epsilon"),
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
-            "final_loss": summary.get("final_loss"), "bytes_up_per_round": up[-1] if up else None,
+            "final_loss": summary.get("final_loss"), "bytes_up_per_round": up[-1] if up else None, "lr": lr,
             "wall_seconds": summary.get("wall_seconds")}
 
 
@@ -109,13 +115,13 @@ def _f(v: float | None, spec: str = ".3f") -> str:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of the aggregate rows (one per cell): results as mean +- std over the n seeds."""
-    lines = ["| method | epsilon | n | epsilon spent | final acc | best acc | final loss | up / round | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | epsilon | n | epsilon spent | final acc | best acc | final loss | up / round | lr | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         up = "-" if r["bytes_up_per_round"] is None else f"{r['bytes_up_per_round'] / 1e3:,.1f} kB"
         lines.append(f"| {r['method']} | {r['epsilon']} | {r['n']} | {_f(r['epsilon_spent'], '.2f')} | "
                      f"{pm(r, 'final_accuracy')} | {pm(r, 'best_accuracy')} | {pm(r, 'final_loss')} | {up} | "
-                     f"{_f(r['wall_seconds'], '.0f')} |")
+                     f"{_f(r.get('lr'), 'g')} | {_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -177,14 +183,20 @@ def run(args: argparse.Namespace) -> int:
     cells = [(m, e, cell_dir(root, m, e)) for e in epsilons for m in methods]
     jobs = [Job(f"{m} eps={eps_label(e)}", seed, cell, cell_config({**base, "seed": seed}, m, e, seeds.dir(cell, seed)))
             for seed in seeds.values for m, e, cell in cells]
-    if len(seeds.values) > 1:
-        print(f"sweep: {len(cells)} cells x {len(seeds.values)} seeds = {len(jobs)} runs (finished ones are reused)",
-              flush=True)
+    lrs = parse_lrs(args.tune_lr) if args.tune_lr else ()
+    if len(seeds.values) > 1 or lrs:
+        print(f"sweep: {len(cells)} cells x {len(seeds.values)} seeds = {len(jobs)} runs"
+              + (f", after {len(cells)} x {len(lrs)} learning-rate tries on validation" if lrs else "")
+              + " (finished ones are reused)", flush=True)
+    if lrs:
+        jobs, tried = tune_lr(jobs, lrs, num_clients)
+        write_csv(tried, root / "tuning.csv", TUNING_COLUMNS)
 
     done = run_jobs(jobs, seeds, num_clients)
-    summaries = {(job.tag, job.seed): summary for job, (summary, _) in zip(jobs, done, strict=True)}
-    rows = [row(m, e, seed, summaries[f"{m} eps={eps_label(e)}", seed])
-            for m in methods for e in epsilons for seed in seeds.values]
+    by_key = {(job.tag, job.seed): (job, summary) for job, (summary, _) in zip(jobs, done, strict=True)}
+    rows = [row(m, e, seed, by_key[key][1], by_key[key][0].cfg["train.lr"])
+            for m in methods for e in epsilons for seed in seeds.values
+            for key in [(f"{m} eps={eps_label(e)}", seed)]]
     means = aggregate(rows, KEYS, SPREAD, MEAN_ONLY)
     md = table(means)
     print(md)

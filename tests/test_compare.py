@@ -247,3 +247,59 @@ def test_default_seeds_come_from_the_model_preset():
     assert resolve_seeds(None, compare.PRESETS["minilm"], {}) == Seeds((42, 43, 44), per_seed_dirs=True)  # --real
     assert resolve_seeds(None, compare.PRESETS["minilm"], {"seed": 7}).values == (7, 8, 9)
     assert resolve_seeds(" 3, 1 ", compare.PRESETS["tiny"], {}) == Seeds((3, 1), per_seed_dirs=True)
+
+
+def test_tune_lr_picks_each_cells_best_validation_lr_and_never_reads_test(monkeypatch, tmp_path):
+    """tune_lr on stand-in runs: the pick is per cell, by validation accuracy then loss; the tries run on the
+    validation split at the cell's first seed; every seed of the cell then runs at the pick, on test."""
+    from simulations import cells
+    from simulations.cells import Job
+
+    scores = {("a", 1e-3): (0.5, 1.0), ("a", 1e-2): (0.6, 1.2), ("b", 1e-3): (0.7, 0.9), ("b", 1e-2): (0.7, 0.8)}
+    ran = []
+
+    def fake(tag, method, cfg, out, clients):
+        ran.append((tag, cfg, out, clients))
+        acc, loss = scores[tag.split()[0], cfg["train.lr"]]
+        return {"final_accuracy": acc, "final_loss": loss}
+
+    monkeypatch.setattr(cells, "run_or_reuse", fake)
+    base = {"model.max-length": 32}
+    jobs = [Job(c, s, tmp_path / c, compare.method_config({**base, "seed": s}, "fedit", tmp_path / c / f"seed-{s}",
+                                                          ""), clients=k)
+            for s in (5, 6) for c, k in (("a", 0), ("b", 1))]
+    tuned, rows = cells.tune_lr(jobs, (1e-3, 1e-2), num_clients=3)
+    assert [(r["cell"], r["lr"], r["chosen"]) for r in rows] == [("a", 1e-3, False), ("a", 1e-2, True),
+                                                                  ("b", 1e-3, False), ("b", 1e-2, True)]
+    assert len(ran) == 4 and all(cfg["seed"] == 5 and cfg["data.validation-fraction"] == cells.TUNE_FRACTION
+                                 for _, cfg, _, _ in ran)  # the first seed, on validation
+    assert [out for _, _, out, _ in ran][:2] == [tmp_path / "a" / "tune" / "lr-0.001", tmp_path / "a" / "tune" / "lr-0.01"]
+    assert [k for *_, k in ran] == [3, 3, 1, 1]  # the centralised-style job keeps its own client count
+    assert [(j.tag, j.seed, j.cfg["train.lr"], j.cfg["data.validation-fraction"]) for j in tuned] == [
+        ("a", 5, 1e-2, 0.0), ("b", 5, 1e-2, 0.0), ("a", 6, 1e-2, 0.0), ("b", 6, 1e-2, 0.0)]
+    assert tuned[0].cfg["output-dir"] == jobs[0].cfg["output-dir"]
+
+
+def test_tune_lr_end_to_end_writes_tuning_csv_and_the_lr_column(tmp_path):
+    assert run_compare(tmp_path, "--tune-lr", "1e-4,3e-2", methods=["fedit", "fed_sb"]) == 0
+    tried = read_rows(tmp_path, "tuning.csv")
+    assert [(r["cell"], float(r["lr"])) for r in tried] == [(m, lr) for m in ("fedit", "fed_sb") for lr in (1e-4, 3e-2)]
+    rows = {r["method"]: r for r in read_rows(tmp_path)}
+    for m in ("fedit", "fed_sb"):
+        mine = [r for r in tried if r["cell"] == m]
+        best = max(mine, key=lambda r: (float(r["val_final_accuracy"]), -float(r["val_final_loss"])))
+        assert [r["chosen"] for r in mine].count("True") == 1 and best["chosen"] == "True"
+        assert float(rows[m]["lr"]) == float(best["lr"])
+        for r in mine:  # the tries ran on validation; the reported run on test, at the pick
+            ran = json.loads((tmp_path / m / "tune" / f"lr-{float(r['lr']):g}" / "run.json").read_text())["run_config"]
+            assert ran["data.validation-fraction"] == 0.15 and ran["train.lr"] == float(r["lr"])
+        final = json.loads((tmp_path / m / "run.json").read_text())["run_config"]
+        assert final["data.validation-fraction"] == 0.0 and final["train.lr"] == float(best["lr"])
+    assert f"| {float(rows['fedit']['lr']):g} |" in (tmp_path / "compare.md").read_text().splitlines()[4]
+
+
+def test_bad_tune_lrs_are_a_config_error(tmp_path, capsys):
+    for bad, why in (("1e-3", "two or more"), ("x,1", "not a number"), ("1e-3,1e-3", "listed once"), ("0,1", "> 0")):
+        assert cli.main(["compare", "--methods", "fedit", "--tune-lr", bad, "--output", str(tmp_path)]) == 2
+        assert why in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
