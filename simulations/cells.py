@@ -234,40 +234,47 @@ def parse_lrs(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
-def tune_lr(jobs: list[Job], lrs: tuple[float, ...], num_clients: int) -> tuple[list[Job], list[dict[str, Any]]]:
-    """Each cell at its own learning rate, chosen on a validation split carved from train (never on test): for every
-    cell (jobs with one tag) run its first seed's config once per lr in ``lrs`` with ``data.validation-fraction``
-    into ``<cell>/tune/lr-<lr>/``, pick the highest final validation accuracy (ties: the lower validation loss), and
-    return the jobs with ``train.lr`` set to it, and one row per (cell, lr) with ``chosen`` marking the pick. One
-    shared lr would favour whichever method it happens to suit."""
+def tune_lr(jobs: list[Job], lrs: tuple[float, ...], num_clients: int, group: Callable[[Job], str] | None = None,
+            on: Callable[[Job], bool] | None = None) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Each cell at its own learning rate, chosen on a validation split carved from train (never on test).
+
+    Jobs are grouped by ``group`` (default: the cell, its tag); each group's first job for which ``on`` holds (default:
+    its first job, the first seed) runs once per lr in ``lrs`` with ``data.validation-fraction`` into
+    ``<its cell>/tune/lr-<lr>/``. The highest final validation accuracy wins (ties: the lower validation loss), and
+    every job of the group gets that ``train.lr``. Returns the jobs and one row per (group, lr), ``chosen`` marking
+    the pick. One shared lr would favour whichever method it happens to suit."""
     from fedlora.config import FedLoraConfig
 
+    group = group or (lambda job: job.tag)
+    reps: dict[str, Job] = {}
+    for job in jobs:
+        if on is None or on(job):
+            reps.setdefault(group(job), job)
+    if missing := sorted({group(job) for job in jobs} - reps.keys()):
+        raise ConfigError(f"--tune-lr: no run of {missing} to tune on")
     picks: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    first: dict[str, Job] = {}
-    for job in jobs:
-        first.setdefault(job.tag, job)
-    for tag, job in first.items():
+    for key, job in reps.items():
         tried = []
         for lr in lrs:
             out = job.cell / "tune" / f"lr-{lr:g}"
             cfg = FedLoraConfig.from_run_config({**job.cfg, "train.lr": lr, "data.validation-fraction": TUNE_FRACTION,
                                                  "output-dir": str(out)}).to_run_config()
-            s = run_or_reuse(f"{tag} tune lr={lr:g}", cfg["method.name"], cfg, out, job.clients or num_clients)
-            tried.append({"cell": tag, "lr": lr, "seed": job.seed, "val_final_accuracy": s.get("final_accuracy"),
-                          "val_final_loss": s.get("final_loss")})
+            s = run_or_reuse(f"{job.tag} tune lr={lr:g}", cfg["method.name"], cfg, out, job.clients or num_clients)
+            tried.append({"cell": key, "tuned_on": job.tag, "lr": lr, "seed": job.seed,
+                          "val_final_accuracy": s.get("final_accuracy"), "val_final_loss": s.get("final_loss")})
         best = max(tried, key=lambda r: (_or(r["val_final_accuracy"], -1.0), -_or(r["val_final_loss"], float("inf"))))
-        picks[tag] = best["lr"]
+        picks[key] = best["lr"]
         rows += [{**r, "chosen": r is best} for r in tried]
-        print(f"{tag}: lr {best['lr']:g} (validation accuracy {_f(best['val_final_accuracy'])} of "
-              + ", ".join(f"{r['lr']:g}: {_f(r['val_final_accuracy'])}" for r in tried) + ")", flush=True)
+        print(f"{key}: lr {best['lr']:g} (validation accuracy at " + ", ".join(
+            f"{r['lr']:g}: {_f(r['val_final_accuracy'])}" for r in tried) + ")", flush=True)
     tuned = [Job(job.tag, job.seed, job.cell,
-                 FedLoraConfig.from_run_config({**job.cfg, "train.lr": picks[job.tag]}).to_run_config(), job.clients)
+                 FedLoraConfig.from_run_config({**job.cfg, "train.lr": picks[group(job)]}).to_run_config(), job.clients)
              for job in jobs]
     return tuned, rows
 
 
-TUNING_COLUMNS = ["cell", "lr", "seed", "val_final_accuracy", "val_final_loss", "chosen"]
+TUNING_COLUMNS = ["cell", "tuned_on", "lr", "seed", "val_final_accuracy", "val_final_loss", "chosen"]
 
 
 def _or(v: float | None, default: float) -> float:

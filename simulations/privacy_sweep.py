@@ -51,14 +51,16 @@ MEAN_ONLY = ["epsilon_spent", "bytes_up_per_round", "lr", "wall_seconds"]
 MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 
 # Per-model settings, overridable with --rounds/--num-clients/--set. The tiny random BERT is for a quick look
-# (short sequences, few steps); MiniLM keeps the config defaults, which are tuned for it (as `make demo`), over 3
-# seeds, so that a trade-off can be told from the seed spread (--seeds 42 for one).
+# (short sequences, few steps). MiniLM runs the DP regime found on a validation split by benchmarks/dp_regime.py
+# (README "Privacy"): adapters on the top layer only over the cached frozen layers below, so that logical batches of
+# 256 are affordable, few clients (more examples each, a lower sampling rate), over 3 seeds so that a trade-off can be
+# told from the seed spread (--seeds 42 for one).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
-    "minilm": {"rounds": 4, "num_clients": 4, "seeds": 3, "overrides": {
+    "minilm": {"rounds": 4, "num_clients": 3, "seeds": 3, "overrides": {
         "adapter.target-modules": r".*layer\.5\..*(query|value)", "train.cache-frozen-layers": True,
-        "train.batch-size": 256, "train.local-steps": 4, "train.lr": 2e-2, "data.partition": "iid",
+        "train.batch-size": 256, "train.local-steps": 3, "train.lr": 2e-2, "data.partition": "iid",
         "fraction-evaluate": 0.0}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
@@ -166,6 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons, comma-separated; inf = no DP")
     p.add_argument("--methods", default="fedit,ffa,fed_sb,fedsvd", help="aggregators, comma-separated")
     add_common_arguments(p, real_help="the pretrained MiniLM with its settings (5 rounds)", per="cell")
+    p.add_argument("--tune-epsilon", default="8", help="with --tune-lr: the epsilon at which each method's learning "
+                                                        "rate is tuned, then used at every epsilon")
     p.add_argument("--output", default="runs/privacy-sweep", help="sweep folder (cells, sweep.csv/md/png)")
     p.set_defaults(func=run)
     return p
@@ -184,12 +188,17 @@ def run(args: argparse.Namespace) -> int:
     jobs = [Job(f"{m} eps={eps_label(e)}", seed, cell, cell_config({**base, "seed": seed}, m, e, seeds.dir(cell, seed)))
             for seed in seeds.values for m, e, cell in cells]
     lrs = parse_lrs(args.tune_lr) if args.tune_lr else ()
+    at = eps_label(parse_epsilons(args.tune_epsilon)[0])
+    if lrs and at not in {eps_label(e) for e in epsilons}:
+        raise ConfigError(f"--tune-epsilon {args.tune_epsilon} is not one of --epsilons {args.epsilons}; tune at one "
+                          "of them")
     if len(seeds.values) > 1 or lrs:
         print(f"sweep: {len(cells)} cells x {len(seeds.values)} seeds = {len(jobs)} runs"
-              + (f", after {len(cells)} x {len(lrs)} learning-rate tries on validation" if lrs else "")
+              + (f", after {len(methods)} methods x {len(lrs)} learning-rate tries on validation" if lrs else "")
               + " (finished ones are reused)", flush=True)
-    if lrs:
-        jobs, tried = tune_lr(jobs, lrs, num_clients)
+    if lrs:  # one lr per method, tuned at one epsilon: per cell would double the sweep
+        jobs, tried = tune_lr(jobs, lrs, num_clients, group=lambda job: job.tag.split(" eps=")[0],
+                              on=lambda job: job.tag.endswith(f" eps={at}"))
         write_csv(tried, root / "tuning.csv", TUNING_COLUMNS)
 
     done = run_jobs(jobs, seeds, num_clients)

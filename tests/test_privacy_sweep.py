@@ -142,3 +142,20 @@ def test_bad_epsilons_fail_before_any_cell(tmp_path, capsys):
     assert "--epsilons" in capsys.readouterr().err
     assert privacy_sweep.main(["--set", "privacy.mode=none", "--epsilons", "3", "--output", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_tune_lr_gives_each_method_one_lr_tuned_at_one_epsilon(tmp_path):
+    out = tmp_path / "tuned"
+    assert sweep(out, "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", "8") == 0
+    tried = read_csv(out / "tuning.csv")
+    assert [(r["cell"], r["tuned_on"], float(r["lr"])) for r in tried] == [
+        (m, f"{m} eps=8", lr) for m in METHODS for lr in (1e-4, 3e-2)]
+    rows = read_csv(out / "sweep.csv")
+    for m in METHODS:
+        (pick,) = [float(r["lr"]) for r in tried if r["cell"] == m and r["chosen"] == "True"]
+        assert [float(r["lr"]) for r in rows if r["method"] == m] == [pick, pick]  # eps 8 and no DP alike
+        tune = json.loads((out / f"{m}-eps8" / "tune" / f"lr-{pick:g}" / "run.json").read_text())["run_config"]
+        assert tune["data.validation-fraction"] == 0.15 and tune["privacy.target-epsilon"] == 8.0
+        assert not (out / f"{m}-epsinf" / "tune").exists()
+    assert sweep(tmp_path / "bad", "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", "3") == 2
+    assert not (tmp_path / "bad").exists()
