@@ -114,7 +114,7 @@ def add_common_arguments(p: argparse.ArgumentParser, real_help: str, per: str) -
     p.add_argument("--tune-lr", metavar="LR,LR,...",
                    help=f"give every {per} its own learning rate: the one of these with the best final accuracy on a "
                         f"validation split ({TUNE_FRACTION:g} of train, data.validation-fraction) at the first seed, "
-                        "before its seeds run on test; tuning.csv lists every try")
+                        "before its seeds run on test; tuning.csv lists every try ('off': train.lr as set)")
     p.add_argument("--seeds", metavar="S,S,...",
                    help=f"run every {per} once per seed, e.g. 0,1,2, and report mean +- std (default: the model "
                         "preset's count from the config's seed on: 3 for --real (42,43,44), 1 for tiny)")

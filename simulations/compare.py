@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
                                                  num_clients), clients=1 if m == CENTRALISED else 0)
             for seed in seeds.values for m in methods]
     partition = "iid" if base["data.partition"] == "iid" else f"dirichlet({float(base['data.dirichlet-alpha']):g})"
-    lrs = parse_lrs(args.tune_lr) if args.tune_lr else ()
+    lrs = parse_lrs(args.tune_lr) if args.tune_lr not in (None, "off") else ()
     if len(seeds.values) > 1 or lrs:
         print(f"compare: {len(methods)} methods x {len(seeds.values)} seeds = {len(jobs)} runs"
               + (f", after {len(methods)} x {len(lrs)} learning-rate tries on validation" if lrs else "")

@@ -4,12 +4,15 @@
     python -m simulations.privacy_sweep --real                            # the pretrained MiniLM
     python -m simulations.privacy_sweep --epsilons 2,inf --methods fedit,fedsvd --set privacy.delta=1e-6
     python -m simulations.privacy_sweep --seeds 0,1,2                     # every cell 3 times: mean +- std
+    python -m simulations.privacy_sweep --tune-lr 1e-2,5e-2               # each method's lr tuned on validation
 
 Each cell (method, target epsilon) is one in-process federation (simulations.cells), with
 ``privacy.mode=sample`` (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP
 baseline (``privacy.mode=none``). ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead.
 Cell folders land under ``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed;
-``--real`` runs 3 seeds, 42,43,44, unless told otherwise). ``sweep.md`` shows mean +- std over the seeds and
+``--real`` runs 3 seeds, 42,43,44, unless told otherwise). ``--tune-lr`` (on by default for ``--real``) first runs
+each method at ``--tune-epsilon`` once per learning rate on a validation split carved from train
+(``<cell>/tune/lr-<lr>/``, ``tuning.csv``) and then runs all its cells at the best one. ``sweep.md`` shows mean +- std over the seeds and
 their count n, ``sweep.csv`` has one row per (cell, seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``,
 ``<col>_std``), ``sweep.png`` the mean with +- std error bars. A run whose ``summary.json`` has the requested
 rounds and whose ``run.json`` has the same config is reused, so an interrupted sweep continues where it stopped
@@ -54,11 +57,12 @@ MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 # (short sequences, few steps). MiniLM runs the DP regime found on a validation split by benchmarks/dp_regime.py
 # (README "Privacy"): adapters on the top layer only over the cached frozen layers below, so that logical batches of
 # 256 are affordable, few clients (more examples each, a lower sampling rate), over 3 seeds so that a trade-off can be
-# told from the seed spread (--seeds 42 for one).
+# told from the seed spread (--seeds 42 for one), each method at its own learning rate (tuned on validation at
+# epsilon 8; --tune-lr off keeps train.lr).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
-    "minilm": {"rounds": 4, "num_clients": 3, "seeds": 3, "overrides": {
+    "minilm": {"rounds": 4, "num_clients": 3, "seeds": 3, "tune_lr": "1e-2,2e-2,5e-2", "overrides": {
         "adapter.target-modules": r".*layer\.5\..*(query|value)", "train.cache-frozen-layers": True,
         "train.batch-size": 256, "train.local-steps": 3, "train.lr": 2e-2, "data.partition": "iid",
         "fraction-evaluate": 0.0}},
@@ -167,7 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sweep's options on ``p`` (its own parser or a ``fedlora sweep`` subparser); sets ``func=run``."""
     p.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons, comma-separated; inf = no DP")
     p.add_argument("--methods", default="fedit,ffa,fed_sb,fedsvd", help="aggregators, comma-separated")
-    add_common_arguments(p, real_help="the pretrained MiniLM with its settings (5 rounds)", per="cell")
+    add_common_arguments(p, real_help="the pretrained MiniLM in its DP regime (3 clients, 4 rounds, 3 seeds, "
+                                         "each method's lr tuned on validation: --tune-lr off to skip)", per="cell")
     p.add_argument("--tune-epsilon", default="8", help="with --tune-lr: the epsilon at which each method's learning "
                                                         "rate is tuned, then used at every epsilon")
     p.add_argument("--output", default="runs/privacy-sweep", help="sweep folder (cells, sweep.csv/md/png)")
@@ -187,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     cells = [(m, e, cell_dir(root, m, e)) for e in epsilons for m in methods]
     jobs = [Job(f"{m} eps={eps_label(e)}", seed, cell, cell_config({**base, "seed": seed}, m, e, seeds.dir(cell, seed)))
             for seed in seeds.values for m, e, cell in cells]
-    lrs = parse_lrs(args.tune_lr) if args.tune_lr else ()
+    tune = args.tune_lr if args.tune_lr is not None else PRESETS.get(model, DEFAULT_PRESET).get("tune_lr", "off")
+    lrs = () if tune == "off" else parse_lrs(tune)
     at = eps_label(parse_epsilons(args.tune_epsilon)[0])
     if lrs and at not in {eps_label(e) for e in epsilons}:
         raise ConfigError(f"--tune-epsilon {args.tune_epsilon} is not one of --epsilons {args.epsilons}; tune at one "
