@@ -62,7 +62,7 @@ MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
-    "minilm": {"rounds": 4, "num_clients": 3, "seeds": 3, "tune_lr": "2e-2,5e-2,1e-1", "overrides": {
+    "minilm": {"rounds": 4, "num_clients": 3, "seeds": 3, "tune_lr": "2e-2,5e-2,1e-1,2e-1", "overrides": {
         "adapter.target-modules": r".*layer\.5\..*(query|value)", "train.cache-frozen-layers": True,
         "train.batch-size": 256, "train.local-steps": 3, "train.lr": 5e-2, "data.partition": "iid",
         "fraction-evaluate": 0.0}},
