@@ -15,7 +15,10 @@ test loss (mean +- std over the seeds, with their count n), train-message bytes 
 total, server aggregation time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k
 A_k|| / ||sum_k p_k s B_k A_k||`` (worst round; per round in the CSV), and for a ``method+codec`` entry (wire.upload
 and wire.download set to the codec: bfloat16, float16, int8) the worst relative rounding the codec added; below
-it, which methods are within the seed spread of the best one. ``compare.csv`` has one row per (method, seed),
+it, which methods are within the seed spread of the best one. With federated evaluation (``--set fraction-evaluate=...`` > 0) the ``own-data acc`` column is the clients' mean
+accuracy on their own held-out data in the last round, each with the model it trains (FedSA-LoRA: its own B):
+the metric of a personalising method, whose server model alone is only the shared part. ``compare.csv`` has one
+row per (method, seed),
 ``compare-mean.csv`` one per method (n, ``<col>_mean``, ``<col>_std``). ``compare.png`` plots test accuracy
 against the round and against the cumulative bytes on the wire, one line per method (mean, shaded +- std).
 Finished (method, seed) runs with the same config are reused (delete a folder to redo it).
@@ -48,12 +51,13 @@ from simulations.cells import (
 )
 
 COLUMNS = ["method", "seed", "partition", "initial_accuracy", "final_accuracy", "best_accuracy", "final_loss",
+           "client_accuracy",
            "bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round",
            "exactness_max", "exactness_per_round", "wire_error_max", "rounds", "lr", "wall_seconds"]
 # compare-mean.csv: mean and std of what the seed changes; the mean alone of what it does not (bytes, rounds: the
 # same for every seed of a config) or what is a cost rather than a result.
 KEYS = ["method", "partition"]
-SPREAD = ["initial_accuracy", "final_accuracy", "best_accuracy", "final_loss"]
+SPREAD = ["initial_accuracy", "final_accuracy", "best_accuracy", "final_loss", "client_accuracy"]
 MEAN_ONLY = ["bytes_down_per_round", "bytes_up_per_round", "bytes_total", "aggregate_ms_per_round", "exactness_max",
              "wire_error_max", "rounds", "lr", "wall_seconds"]
 MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
@@ -125,9 +129,11 @@ def row(method: str, seed: int, partition: str, summary: dict, history: list[dic
     exact = [r["exactness"] for r in trained if r.get("exactness") is not None]
     wire = [e for r in trained for e in (r.get("wire_error_down"), r.get("wire_error_up")) if e is not None]
     n = max(1, len(trained))
+    own = [r["client_accuracy_mean"] for r in trained if r.get("client_accuracy_mean") is not None]
     return {"method": method, "seed": seed, "partition": partition, "initial_accuracy": summary.get("initial_accuracy"),
             "final_accuracy": summary.get("final_accuracy"), "best_accuracy": summary.get("best_accuracy"),
-            "final_loss": summary.get("final_loss"), "bytes_down_per_round": sum(down) / n,
+            "final_loss": summary.get("final_loss"), "client_accuracy": own[-1] if own else None,
+            "bytes_down_per_round": sum(down) / n,
             "bytes_up_per_round": sum(up) / n, "bytes_total": sum(down) + sum(up),
             "aggregate_ms_per_round": sum(agg_ms) / n, "exactness_max": max(exact) if exact else None,
             "exactness_per_round": ";".join(f"{e:.3e}" for e in exact),
@@ -146,14 +152,14 @@ def _kb(v: float) -> str:
 def table(rows: list[dict]) -> str:
     """The markdown table of the aggregate rows (one per method): results as mean +- std over the n seeds."""
     lines = ["| method | n | final acc | best acc | final loss | down / round | up / round | total bytes | "
-             "aggregate ms / round | exactness (worst round) | wire rounding | lr | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "aggregate ms / round | exactness (worst round) | wire rounding | own-data acc | lr | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['n']} | {pm(r, 'final_accuracy')} | {pm(r, 'best_accuracy')} | "
                      f"{pm(r, 'final_loss')} | {_kb(r['bytes_down_per_round'])} | {_kb(r['bytes_up_per_round'])} | "
                      f"{_kb(r['bytes_total'])} | {r['aggregate_ms_per_round']:.1f} | "
                      f"{_f(r['exactness_max'], '.1e')} | {_f(r['wire_error_max'], '.1e')} | "
-                     f"{_f(r.get('lr'), 'g')} | {_f(r['wall_seconds'], '.0f')} |")
+                     f"{pm(r, 'client_accuracy')} | {_f(r.get('lr'), 'g')} | {_f(r['wall_seconds'], '.0f')} |")
     return "\n".join(lines)
 
 

@@ -190,6 +190,9 @@ def test_seeds_csv_aggregates_the_per_seed_rows(seeded):
     for mean in means:
         mine = [r for r in rows if r["method"] == mean["method"]]
         for col in compare.SPREAD:
+            if col == "client_accuracy":  # no federated evaluation in this comparison: no value, no mean
+                assert mean[f"{col}_mean"] == mean[f"{col}_std"] == ""
+                continue
             values = [float(r[col]) for r in mine]
             assert float(mean[f"{col}_mean"]) == pytest.approx(statistics.fmean(values)), col
             assert float(mean[f"{col}_std"]) == pytest.approx(statistics.stdev(values)), col  # ddof = 1
@@ -303,3 +306,16 @@ def test_bad_tune_lrs_are_a_config_error(tmp_path, capsys):
         assert cli.main(["compare", "--methods", "fedit", "--tune-lr", bad, "--output", str(tmp_path)]) == 2
         assert why in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_own_data_accuracy_is_the_clients_last_round_mean_and_ranks_fedsa(compared, tmp_path):
+    """With federated evaluation the own-data column is each run's last client_accuracy_mean (FedSA-LoRA's metric:
+    its clients evaluate with their own B); without it the column is empty."""
+    assert all(r["client_accuracy"] == "" for r in read_rows(compared))
+    assert run_compare(tmp_path, "--set", "fraction-evaluate=1.0", methods=["fedit", "fedsa_lora"]) == 0
+    for r in read_rows(tmp_path):
+        hist = [json.loads(x) for x in (tmp_path / r["method"] / "metrics.jsonl").read_text().splitlines()]
+        assert float(r["client_accuracy"]) == pytest.approx(hist[-1]["client_accuracy_mean"])
+        assert len(hist[-1]["client_accuracy"]) == 3
+    line = (tmp_path / "compare.md").read_text().splitlines()[5]
+    assert line.startswith("| fedsa_lora |") and f"| {float(read_rows(tmp_path)[1]['client_accuracy']):.3f} |" in line
