@@ -276,7 +276,8 @@ def test_tune_lr_picks_each_cells_best_validation_lr_and_never_reads_test(monkey
                                                                   ("b", 1e-3, False), ("b", 1e-2, True)]
     assert len(ran) == 4 and all(cfg["seed"] == 5 and cfg["data.validation-fraction"] == cells.TUNE_FRACTION
                                  for _, cfg, _, _ in ran)  # the first seed, on validation
-    assert [out for _, _, out, _ in ran][:2] == [tmp_path / "a" / "tune" / "lr-0.001", tmp_path / "a" / "tune" / "lr-0.01"]
+    tune = tmp_path / "a" / "tune"
+    assert [out for _, _, out, _ in ran][:2] == [tune / "lr-0.001", tune / "lr-0.01"]
     assert [k for *_, k in ran] == [3, 3, 1, 1]  # the centralised-style job keeps its own client count
     assert [(j.tag, j.seed, j.cfg["train.lr"], j.cfg["data.validation-fraction"]) for j in tuned] == [
         ("a", 5, 1e-2, 0.0), ("b", 5, 1e-2, 0.0), ("a", 6, 1e-2, 0.0), ("b", 6, 1e-2, 0.0)]

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from fedlora.config import ConfigError, FedLoraConfig
-from fedlora.tasks import get_task
 from fedlora.tasks import base as tasks_base
+from fedlora.tasks import get_task
 from fedlora.tasks.base import validation_indices
 
 
