@@ -8,19 +8,19 @@
     fedlora compare --methods fedit,fedit+adam       # ... or with a server optimiser (method.server-opt)
     fedlora compare --methods fedit,ffa,centralised  # + one client on all the data, for the same total steps
 
-Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config, per-
-round metrics, checkpoint, adapter), or with ``--seeds 0,1,2`` once per seed into ``<output>/<method>/seed-<s>/``.
-``compare.md`` holds one row per method: final and best test accuracy and final test loss (mean +- std over the
-seeds, with their count n), train-message bytes down and up per round and in total, server aggregation time per
-round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k A_k|| / ||sum_k p_k s B_k A_k||``
-(worst round; per round in the CSV), and for a ``method+codec`` entry (wire.upload and wire.download set to the
-codec: bfloat16, float16, int8) the worst relative rounding the codec added; below it, which methods are within the
-seed spread of the best one. With federated evaluation (``--set fraction-evaluate=...`` > 0) the ``own-data acc``
-column is the clients' mean accuracy on their own held-out data in the last round, each with the model it trains
-(FedSA-LoRA: its own B): the metric of a personalising method, whose server model alone is only the shared part.
-``compare.csv`` has one row per (method, seed), ``compare-mean.csv`` one per method (n, ``<col>_mean``,
-``<col>_std``). ``compare.png`` plots test accuracy against the round and against the cumulative bytes on the wire,
-one line per method (mean, shaded +- std).
+Each method runs as one in-process federation (:mod:`simulations.cells`) into ``<output>/<method>/`` (config,
+per-round metrics, checkpoint, adapter), or with ``--seeds 0,1,2`` once per seed into
+``<output>/<method>/seed-<s>/``. ``compare.md`` holds one row per method: final and best test accuracy and final
+test loss (mean +- std over the seeds, with their count n), train-message bytes down and up per round and in total,
+server aggregation time per round, wall time, and the exactness error ``||aggregated dW - sum_k p_k s B_k A_k|| /
+||sum_k p_k s B_k A_k||`` (worst round; per round in the CSV), and for a ``method+codec`` entry (wire.upload and
+wire.download set to the codec: bfloat16, float16, int8) the worst relative rounding the codec added; below it,
+which methods are within the seed spread of the best one. With federated evaluation (``--set fraction-evaluate=...``
+> 0) the ``own-data acc`` column is the clients' mean accuracy on their own held-out data in the last round, each
+with the model it trains (FedSA-LoRA: its own B): the metric of a personalising method, whose server model alone is
+only the shared part. ``compare.csv`` has one row per (method, seed), ``compare-mean.csv`` one per method (n,
+``<col>_mean``, ``<col>_std``). ``compare.png`` plots test accuracy against the round and against the cumulative
+bytes on the wire, one line per method (mean, shaded +- std).
 Finished (method, seed) runs with the same config are reused (delete a folder to redo it).
 """
 

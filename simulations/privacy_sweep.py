@@ -10,13 +10,13 @@ Each cell (method, target epsilon) is one in-process federation (simulations.cel
 (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP baseline (``privacy.mode=none``).
 ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead. Cell folders land under
 ``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed; ``--real`` runs 3 seeds,
-42,43,44, unless told otherwise). ``--tune-lr`` (on by default for ``--real``) first runs each method at ``--tune-
-epsilon`` once per learning rate on a validation split carved from train (``<cell>/tune/lr-<lr>/``, ``tuning.csv``)
-and then runs all its cells at the best one. ``sweep.md`` shows mean +- std over the seeds and their count n,
-``sweep.csv`` has one row per (cell, seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``, ``<col>_std``),
-``sweep.png`` the mean with +- std error bars. A run whose ``summary.json`` has the requested rounds and whose
-``run.json`` has the same config is reused, so an interrupted sweep continues where it stopped and a seed added
-later runs only that seed (delete a folder to redo it).
+42,43,44, unless told otherwise). ``--tune-lr`` (on by default for ``--real``) first runs each method at
+``--tune-epsilon`` once per learning rate on a validation split carved from train (``<cell>/tune/lr-<lr>/``,
+``tuning.csv``) and then runs all its cells at the best one. ``sweep.md`` shows mean +- std over the seeds and their
+count n, ``sweep.csv`` has one row per (cell, seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``,
+``<col>_std``), ``sweep.png`` the mean with +- std error bars. A run whose ``summary.json`` has the requested rounds
+and whose ``run.json`` has the same config is reused, so an interrupted sweep continues where it stopped and a seed
+added later runs only that seed (delete a folder to redo it).
 """
 
 from __future__ import annotations
