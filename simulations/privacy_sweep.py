@@ -11,12 +11,13 @@ Each cell (method, target epsilon) is one in-process federation (simulations.cel
 ``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead. Cell folders land under
 ``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed; ``--real`` runs 3 seeds,
 42,43,44, unless told otherwise). ``--tune-lr`` (on by default for ``--real``) first runs each method at
-``--tune-epsilon`` once per learning rate on a validation split carved from train (``<cell>/tune/lr-<lr>/``,
-``tuning.csv``) and then runs all its cells at the best one. ``sweep.md`` shows mean +- std over the seeds and their
-count n, ``sweep.csv`` has one row per (cell, seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``,
-``<col>_std``), ``sweep.png`` the mean with +- std error bars. A run whose ``summary.json`` has the requested rounds
-and whose ``run.json`` has the same config is reused, so an interrupted sweep continues where it stopped and a seed
-added later runs only that seed (delete a folder to redo it).
+``--tune-epsilon`` and without DP once per learning rate on a validation split carved from train
+(``<cell>/tune/lr-<lr>/``, ``tuning.csv``), then runs its DP cells at the best lr under DP and its no-DP cell at the
+best without. ``sweep.md`` shows mean +- std over the seeds and their count n, ``sweep.csv`` has one row per (cell,
+seed), ``sweep-mean.csv`` one per cell (n, ``<col>_mean``, ``<col>_std``), ``sweep.png`` the mean with +- std error
+bars. A run whose ``summary.json`` has the requested rounds and whose ``run.json`` has the same config is reused, so
+an interrupted sweep continues where it stopped and a seed added later runs only that seed (delete a folder to redo
+it).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ MEAN_COLUMNS = aggregate_columns(KEYS, SPREAD, MEAN_ONLY)
 # (README "Privacy"): adapters on the top layer only over the cached frozen layers below, so that logical batches of
 # 256 are affordable, few clients (more examples each, a lower sampling rate), over 3 seeds so that a trade-off can be
 # told from the seed spread (--seeds 42 for one), each method at its own learning rate (tuned on validation at
-# epsilon 8; --tune-lr off keeps train.lr).
+# epsilon 8 under DP and on its own without; --tune-lr off keeps train.lr).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 4,
              "overrides": {"train.local-steps": 10, "model.max-length": 32, "data.max-eval-examples": 200}},
@@ -105,6 +106,12 @@ def cell_config(base: dict[str, Any], method: str, eps: float, out: Path) -> dic
         privacy = {"privacy.mode": mode, "privacy.target-epsilon": eps}
     cfg = {**base, **privacy, "method.name": method, "output-dir": str(out)}
     return FedLoraConfig.from_run_config(cfg).to_run_config()
+
+
+def tuning_group(tag: str) -> str:
+    """The learning-rate group of a cell tagged '<method> eps=<eps>': its method with DP, or without."""
+    method, eps = tag.split(" eps=")
+    return f"{method} no DP" if eps == "inf" else f"{method} DP"
 
 
 def row(method: str, eps: float, seed: int, summary: dict, lr: float | None = None) -> dict[str, Any]:
@@ -174,7 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_common_arguments(p, real_help="the pretrained MiniLM in its DP regime (3 clients, 4 rounds, 3 seeds, "
                                          "each method's lr tuned on validation: --tune-lr off to skip)", per="cell")
     p.add_argument("--tune-epsilon", default="8", help="with --tune-lr: the epsilon at which each method's learning "
-                                                        "rate is tuned, then used at every epsilon")
+                                                        "rate under DP is tuned, then used at every finite epsilon "
+                                                        "(the no-DP cell is tuned on its own)")
     p.add_argument("--output", default="runs/privacy-sweep", help="sweep folder (cells, sweep.csv/md/png)")
     p.set_defaults(func=run)
     return p
@@ -195,16 +203,17 @@ def run(args: argparse.Namespace) -> int:
     tune = args.tune_lr if args.tune_lr is not None else PRESETS.get(model, DEFAULT_PRESET).get("tune_lr", "off")
     lrs = () if tune == "off" else parse_lrs(tune)
     at = eps_label(parse_epsilons(args.tune_epsilon)[0])
-    if lrs and at not in {eps_label(e) for e in epsilons}:
-        raise ConfigError(f"--tune-epsilon {args.tune_epsilon} is not one of --epsilons {args.epsilons}; tune at one "
-                          "of them")
+    if lrs and any(math.isfinite(e) for e in epsilons) and (at == "inf" or at not in map(eps_label, epsilons)):
+        raise ConfigError(f"--tune-epsilon {args.tune_epsilon} is not a finite one of --epsilons {args.epsilons}; the "
+                          "DP cells are tuned at one of theirs (the no-DP cell at inf)")
     if len(seeds.values) > 1 or lrs:
         print(f"sweep: {len(cells)} cells x {len(seeds.values)} seeds = {len(jobs)} runs"
-              + (f", after {len(methods)} methods x {len(lrs)} learning-rate tries on validation" if lrs else "")
+              + (f", after {len({tuning_group(j.tag) for j in jobs})} (method, DP or not) x {len(lrs)} learning-rate "
+                 "tries on validation" if lrs else "")
               + " (finished ones are reused)", flush=True)
-    if lrs:  # one lr per method, tuned at one epsilon: per cell would double the sweep
-        jobs, tried = tune_lr(jobs, lrs, num_clients, group=lambda job: job.tag.split(" eps=")[0],
-                              on=lambda job: job.tag.endswith(f" eps={at}"))
+    if lrs:  # one lr per method under DP (tuned at one epsilon: per cell would double the sweep), one without
+        jobs, tried = tune_lr(jobs, lrs, num_clients, group=lambda job: tuning_group(job.tag),
+                              on=lambda job: job.tag.endswith((f" eps={at}", " eps=inf")))
         write_csv(tried, root / "tuning.csv", TUNING_COLUMNS)
 
     done = run_jobs(jobs, seeds, num_clients)

@@ -144,18 +144,24 @@ def test_bad_epsilons_fail_before_any_cell(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_tune_lr_gives_each_method_one_lr_tuned_at_one_epsilon(tmp_path):
+def test_tune_lr_tunes_each_method_once_under_dp_at_one_epsilon_and_once_without(tmp_path):
     out = tmp_path / "tuned"
-    assert sweep(out, "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", "8") == 0
+    assert sweep(out, "3,8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", "8") == 0
     tried = read_csv(out / "tuning.csv")
     assert [(r["cell"], r["tuned_on"], float(r["lr"])) for r in tried] == [
-        (m, f"{m} eps=8", lr) for m in METHODS for lr in (1e-4, 3e-2)]
+        (f"{m} {kind}", f"{m} eps={eps}", lr) for kind, eps in (("DP", "8"), ("no DP", "inf")) for m in METHODS
+        for lr in (1e-4, 3e-2)]
     rows = read_csv(out / "sweep.csv")
     for m in METHODS:
-        (pick,) = [float(r["lr"]) for r in tried if r["cell"] == m and r["chosen"] == "True"]
-        assert [float(r["lr"]) for r in rows if r["method"] == m] == [pick, pick]  # eps 8 and no DP alike
-        tune = json.loads((out / f"{m}-eps8" / "tune" / f"lr-{pick:g}" / "run.json").read_text())["run_config"]
+        pick = {kind: float(r["lr"]) for r in tried for kind in ("DP", "no DP")
+                if r["cell"] == f"{m} {kind}" and r["chosen"] == "True"}
+        assert [(r["epsilon"], float(r["lr"])) for r in rows if r["method"] == m] == [
+            ("3", pick["DP"]), ("8", pick["DP"]), ("inf", pick["no DP"])]  # eps 3 runs at eps 8's pick
+        tune = json.loads((out / f"{m}-eps8" / "tune" / f"lr-{pick['DP']:g}" / "run.json").read_text())["run_config"]
         assert tune["data.validation-fraction"] == 0.15 and tune["privacy.target-epsilon"] == 8.0
-        assert not (out / f"{m}-epsinf" / "tune").exists()
-    assert sweep(tmp_path / "bad", "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", "3") == 2
+        plain = json.loads((out / f"{m}-epsinf" / "tune" / "lr-0.03" / "run.json").read_text())["run_config"]
+        assert plain["privacy.mode"] == "none" and plain["data.validation-fraction"] == 0.15
+        assert not (out / f"{m}-eps3" / "tune").exists()
+    for bad in ("3", "inf"):  # not one of --epsilons; or not a DP one
+        assert sweep(tmp_path / "bad", "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", bad) == 2
     assert not (tmp_path / "bad").exists()
