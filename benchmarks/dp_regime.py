@@ -36,7 +36,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "clip-0.1": {"privacy.clip": 0.1},
     "clip-10": {"privacy.clip": 10.0},
     "batch-64": {"train.batch-size": 64, "train.local-steps": 12},  # the same example-gradients as the preset
-    "batch-64-lr-2e-2": {"train.batch-size": 64, "train.local-steps": 12, "train.lr": 2e-2},
     "rank-2": {"adapter.rank": 2},
     "top-2": {"adapter.target-modules": r".*layer\.(4|5)\..*(query|value)"},
     "clients-8": {"__clients": 8},
