@@ -5,11 +5,13 @@
     python -m simulations.privacy_sweep --epsilons 2,inf --methods fedit,fedsvd --set privacy.delta=1e-6
     python -m simulations.privacy_sweep --seeds 0,1,2                     # every cell 3 times: mean +- std
     python -m simulations.privacy_sweep --tune-lr 1e-2,5e-2               # each method's lr tuned on validation
+    python -m simulations.privacy_sweep --real --mode client --methods fedit   # DP-FedAvg, 1000 clients, 100 a round
 
 Each cell (method, target epsilon) is one in-process federation (simulations.cells), with ``privacy.mode=sample``
 (DP-SGD on every client) and ``privacy.target-epsilon=eps``; ``inf`` is the no-DP baseline (``privacy.mode=none``).
-``--set privacy.mode=client`` sweeps client-level DP (DP-FedAvg) instead. Cell folders land under
-``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed; ``--real`` runs 3 seeds,
+``--mode client`` (or ``--set privacy.mode=client``) sweeps client-level DP (DP-FedAvg) instead, with presets of
+many clients (``CLIENT_PRESETS``); every cell, the no-DP one too, then weights clients uniformly. Cell folders land
+under ``<output>/<method>-eps<eps>/`` (with ``--seeds``, one ``seed-<s>/`` inside per seed; ``--real`` runs 3 seeds,
 42,43,44, unless told otherwise). ``--tune-lr`` (on by default for ``--real``) first runs each method at
 ``--tune-epsilon`` and without DP once per learning rate on a validation split carved from train
 (``<cell>/tune/lr-<lr>/``, ``tuning.csv``), then runs its DP cells at the best lr under DP and its no-DP cell at the
@@ -69,6 +71,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fraction-evaluate": 0.0}},
 }
 DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
+
+# ``--mode client`` (DP-FedAvg): the noise on the server's mean of m clipped updates has norm z S sqrt(d) / m, and at a
+# fixed budget z grows with the sampling rate m / N, so only many clients make it small (docs/privacy.md "Client-level
+# DP at scale"). MiniLM: 1000 clients of about 11 paragraphs each, 100 of them a round, the DP-SGD preset's adapters
+# over the cached frozen layers (d = 14.6k), clip S near the median update norm of 3 local AdamW steps (9.3 at
+# lr 5e-2, measured), so that clipping keeps the updates' size and the noise is what the budget costs.
+CLIENT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"rounds": 3, "num_clients": 20, "overrides": {
+        "train.local-steps": 5, "model.max-length": 32, "data.max-eval-examples": 200, "fraction-train": 0.5,
+        "method.weighting": "uniform", "data.partition": "iid"}},
+    "minilm": {"rounds": 5, "num_clients": 1000, "seeds": 3, "overrides": {
+        "adapter.target-modules": r".*layer\.5\..*(query|value)", "train.cache-frozen-layers": True,
+        "train.batch-size": 256, "train.local-steps": 3, "train.lr": 5e-2, "data.partition": "iid",
+        "fraction-evaluate": 0.0, "fraction-train": 0.1, "method.weighting": "uniform", "privacy.clip": 8.0}},
+}
+MODES = ("sample", "client")
+
+
+def dp_mode(args: argparse.Namespace) -> str:
+    """The DP of the sweep's finite-epsilon cells: ``--mode``, else ``--set privacy.mode=...``, else sample (DP-SGD)."""
+    from fedlora.cli import parse_overrides
+
+    given = parse_overrides(args.set).get("privacy.mode")
+    mode = args.mode or given or "sample"
+    if mode not in MODES:
+        raise ConfigError(f"privacy.mode={mode!r}: the sweep's DP cells run 'sample' (DP-SGD) or 'client' (DP-FedAvg); "
+                          "the no-DP cell is epsilon 'inf' in --epsilons")
+    if args.mode and given and given != args.mode:
+        raise ConfigError(f"--mode {args.mode} and --set privacy.mode={given} disagree; keep one")
+    return mode
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -180,6 +212,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="fedit,ffa,fed_sb,fedsvd", help="aggregators, comma-separated")
     add_common_arguments(p, real_help="the pretrained MiniLM in its DP regime (3 clients, 4 rounds, 3 seeds, "
                                          "each method's lr tuned on validation: --tune-lr off to skip)", per="cell")
+    p.add_argument("--mode", choices=MODES, help="the DP of the finite-epsilon cells: sample = DP-SGD on every client "
+                                                 "(default), client = DP-FedAvg on the server, with its own presets "
+                                                 "(--real: 1000 clients, 100 a round)")
     p.add_argument("--tune-epsilon", default="8", help="with --tune-lr: the epsilon at which each method's learning "
                                                         "rate under DP is tuned, then used at every finite epsilon "
                                                         "(the no-DP cell is tuned on its own)")
@@ -190,9 +225,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     quiet_flower()
-    model, rounds, num_clients, base = preset_base(args, PRESETS, DEFAULT_PRESET)
+    mode = dp_mode(args)
+    presets = PRESETS if mode == "sample" else CLIENT_PRESETS
+    model, rounds, num_clients, base = preset_base(args, presets, DEFAULT_PRESET, {"privacy.mode": mode})
+    base["privacy.mode"] = mode
     epsilons = parse_epsilons(args.epsilons)
-    seeds = resolve_seeds(args.seeds, PRESETS.get(model, DEFAULT_PRESET), base)
+    seeds = resolve_seeds(args.seeds, presets.get(model, DEFAULT_PRESET), base)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     root = Path(args.output)
     # Every run's config is validated before the first one runs: a typo fails now, not after an hour. Seed by
@@ -200,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     cells = [(m, e, cell_dir(root, m, e)) for e in epsilons for m in methods]
     jobs = [Job(f"{m} eps={eps_label(e)}", seed, cell, cell_config({**base, "seed": seed}, m, e, seeds.dir(cell, seed)))
             for seed in seeds.values for m, e, cell in cells]
-    tune = args.tune_lr if args.tune_lr is not None else PRESETS.get(model, DEFAULT_PRESET).get("tune_lr", "off")
+    tune = args.tune_lr if args.tune_lr is not None else presets.get(model, DEFAULT_PRESET).get("tune_lr", "off")
     lrs = () if tune == "off" else parse_lrs(tune)
     at = eps_label(parse_epsilons(args.tune_epsilon)[0])
     if lrs and any(math.isfinite(e) for e in epsilons) and (at == "inf" or at not in map(eps_label, epsilons)):

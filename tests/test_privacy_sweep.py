@@ -165,3 +165,28 @@ def test_tune_lr_tunes_each_method_once_under_dp_at_one_epsilon_and_once_without
     for bad in ("3", "inf"):  # not one of --epsilons; or not a DP one
         assert sweep(tmp_path / "bad", "8,inf", "--tune-lr", "1e-4,3e-2", "--tune-epsilon", bad) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_client_mode_runs_dp_fedavg_cells_with_the_client_presets(tmp_path, capsys):
+    """--mode client: the finite-epsilon cells run DP-FedAvg on the server (clip and pre-clip norm logged every round,
+    the accountant's epsilon within budget), with the client presets (a share of many clients a round, uniform
+    weights: DP-FedAvg's z S / m assumes them) in every cell, the no-DP one included so that it differs only in DP."""
+    out = tmp_path / "client"
+    assert sweep(out, "8,inf", "--mode", "client", methods=["fedit"]) == 0
+    dp = json.loads((out / "fedit-eps8" / "run.json").read_text())["run_config"]
+    plain = json.loads((out / "fedit-epsinf" / "run.json").read_text())["run_config"]
+    assert dp["privacy.mode"] == "client" and dp["privacy.target-epsilon"] == 8.0
+    assert plain["privacy.mode"] == "none"
+    tiny = privacy_sweep.CLIENT_PRESETS["tiny"]["overrides"]
+    for run in (dp, plain):
+        assert run["method.weighting"] == "uniform" and run["fraction-train"] == tiny["fraction-train"]
+    (row,) = [r for r in read_csv(out / "sweep.csv") if r["epsilon"] == "8"]
+    assert 0.0 < float(row["epsilon_spent"]) <= 8.0 + 0.1
+    rounds = [json.loads(line) for line in (out / "fedit-eps8" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert rounds and all(r["clip"] == dp["privacy.clip"] and r["update_norm_median"] > 0 for r in rounds)
+    assert all(r["clients_aggregated"] == 1 for r in rounds)  # 2 clients, fraction-train 0.5
+    # The mode is one thing: --mode and --set privacy.mode must agree, and 'none' is the inf cell, not a mode.
+    capsys.readouterr()
+    assert sweep(tmp_path / "bad", "8", "--mode", "client", "--set", "privacy.mode=sample") == 2
+    assert "--mode client and --set privacy.mode=sample disagree" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
