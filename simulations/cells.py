@@ -157,22 +157,34 @@ class Seeds:
         return ",".join(map(str, self.values))
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0,1,2' -> (0, 1, 2): whole numbers >= 0, each once (a repeated seed would be the same run twice)."""
-    out: list[int] = []
+def parse_list(text: str, flag: str, convert: Callable[[str], Any], what: str, example: str, noun: str = "value",
+               check: Callable[[Any], str | None] = lambda _: None, at_least: int = 1) -> tuple[Any, ...]:
+    """The comma list of option ``flag``: each part ``convert``-ed (else "is not ``what``"), refused where ``check``
+    says why, each listed once (a repeated value would be the same run twice), at least ``at_least`` of them; every
+    error names the flag and shows ``example``."""
+    use = f"e.g. '{flag} {example}'"
+    out: list[Any] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
-            seed = int(part)
+            value = convert(part)
         except ValueError:
-            raise ConfigError(f"--seeds: {part!r} is not a whole number; use e.g. '--seeds 0,1,2'") from None
-        if seed < 0:
-            raise ConfigError(f"--seeds: {seed} is negative; seeds are whole numbers >= 0, e.g. '--seeds 0,1,2'")
-        if seed in out:
-            raise ConfigError(f"--seeds {text!r}: seed {seed} appears twice; list each seed once, e.g. '0,1,2'")
-        out.append(seed)
+            raise ConfigError(f"{flag}: {part!r} is not {what}; use {use}") from None
+        if (why := check(value)) is not None:
+            raise ConfigError(f"{flag}: {part!r} {why}, {use}")
+        if value in out:
+            raise ConfigError(f"{flag} {text!r}: {noun} {part} appears twice; list each {noun} once, {use}")
+        out.append(value)
     if not out:
-        raise ConfigError("--seeds is empty; use e.g. '--seeds 0,1,2', or leave it out for one run per cell")
+        raise ConfigError(f"{flag} is empty; use {use}")
+    if len(out) < at_least:
+        raise ConfigError(f"{flag} {text!r}: give {at_least} or more to choose from, {use}")
     return tuple(out)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2): whole numbers >= 0, each once."""
+    return parse_list(text, "--seeds", int, "a whole number", "0,1,2", "seed",
+                      lambda s: "is negative; seeds are whole numbers >= 0" if s < 0 else None)
 
 
 def resolve_seeds(text: str | None, preset: dict[str, Any], base: dict[str, Any]) -> Seeds:
@@ -219,19 +231,9 @@ def run_jobs(jobs: list[Job], seeds: Seeds, num_clients: int) -> list[tuple[dict
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
-    """'1e-3,5e-3,2e-2' -> (0.001, 0.005, 0.02): learning rates > 0, each once."""
-    out: list[float] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            lr = float(part)
-        except ValueError:
-            raise ConfigError(f"--tune-lr: {part!r} is not a number; use e.g. '--tune-lr 2e-3,5e-3,2e-2'") from None
-        if not lr > 0 or lr in out:
-            raise ConfigError(f"--tune-lr: {part!r} must be > 0 and listed once, e.g. '--tune-lr 2e-3,5e-3,2e-2'")
-        out.append(lr)
-    if len(out) < 2:
-        raise ConfigError(f"--tune-lr {text!r}: give two or more learning rates to choose from, e.g. 2e-3,5e-3,2e-2")
-    return tuple(out)
+    """'1e-3,5e-3,2e-2' -> (0.001, 0.005, 0.02): two or more learning rates > 0, each once."""
+    return parse_list(text, "--tune-lr", float, "a number", "2e-3,5e-3,2e-2", "lr",
+                      lambda lr: None if lr > 0 else "must be > 0", at_least=2)
 
 
 def tune_lr(jobs: list[Job], lrs: tuple[float, ...], num_clients: int, group: Callable[[Job], str] | None = None,

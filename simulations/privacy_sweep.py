@@ -37,6 +37,7 @@ from simulations.cells import (
     add_common_arguments,
     aggregate,
     aggregate_columns,
+    parse_list,
     parse_lrs,
     pm,
     preset_base,
@@ -104,19 +105,9 @@ def dp_mode(args: argparse.Namespace) -> str:
 
 
 def parse_epsilons(text: str) -> list[float]:
-    """'1,3,8,inf' -> [1.0, 3.0, 8.0, inf]; every value must be > 0."""
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            eps = float(part)
-        except ValueError:
-            raise ConfigError(f"--epsilons: {part!r} is not a number; use e.g. '1,3,8,inf'") from None
-        if not eps > 0:
-            raise ConfigError(f"--epsilons: {part!r} must be > 0 ('inf' = no DP)")
-        out.append(eps)
-    if not out:
-        raise ConfigError("--epsilons is empty; use e.g. '1,3,8,inf'")
-    return out
+    """'1,3,8,inf' -> [1.0, 3.0, 8.0, inf]; every value > 0, each once."""
+    return list(parse_list(text, "--epsilons", float, "a number", "1,3,8,inf", "epsilon",
+                           lambda e: None if e > 0 else "must be > 0 ('inf' = no DP)"))
 
 
 def eps_label(eps: float) -> str:

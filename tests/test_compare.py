@@ -303,7 +303,7 @@ def test_tune_lr_end_to_end_writes_tuning_csv_and_the_lr_column(tmp_path):
 
 
 def test_bad_tune_lrs_are_a_config_error(tmp_path, capsys):
-    for bad, why in (("1e-3", "two or more"), ("x,1", "not a number"), ("1e-3,1e-3", "listed once"), ("0,1", "> 0")):
+    for bad, why in (("1e-3", "2 or more"), ("x,1", "not a number"), ("1e-3,1e-3", "appears twice"), ("0,1", "> 0")):
         assert cli.main(["compare", "--methods", "fedit", "--tune-lr", bad, "--output", str(tmp_path)]) == 2
         assert why in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

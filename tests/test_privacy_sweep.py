@@ -16,6 +16,7 @@ import statistics
 import pytest
 
 from fedlora.cli import parse_overrides
+from fedlora.config import ConfigError
 from simulations import privacy_sweep
 from simulations.cells import finished
 
@@ -190,3 +191,12 @@ def test_client_mode_runs_dp_fedavg_cells_with_the_client_presets(tmp_path, caps
     assert sweep(tmp_path / "bad", "8", "--mode", "client", "--set", "privacy.mode=sample") == 2
     assert "--mode client and --set privacy.mode=sample disagree" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(("text", "why"), [("3,zero", "'zero' is not a number"), ("8,8", "epsilon 8 appears twice"),
+                                           ("0,8", "'0' must be > 0"), (" , ", "is empty")])
+def test_bad_epsilons_name_the_flag_and_why(text, why):
+    with pytest.raises(ConfigError) as e:
+        privacy_sweep.parse_epsilons(text)
+    assert str(e.value).startswith("--epsilons") and why in str(e.value) and "1,3,8,inf" in str(e.value)
+    assert privacy_sweep.parse_epsilons("1, 3,inf") == [1.0, 3.0, math.inf]
