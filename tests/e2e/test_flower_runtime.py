@@ -32,9 +32,10 @@ def _cli_args(out: Path, method: str) -> list[str]:
 
 # The runtime is method-agnostic (tests/e2e/test_local_federation.py runs every method in-process): ray runs one
 # method of each kind, at ~30 s of ray start-up each, to keep the suite within its time budget. FedIT: plain A and B;
-# FLoRA: stacked factors, per-client ranks and the delta downlink; Fed-SB: the server's gradient init and r x r
-# uploads; LoRA-FAIR: a server-side solver.
-RAY_METHODS = ["fedit", "flora", "fed_sb", "lora_fair"]
+# FLoRA: stacked factors, per-client ranks and the delta downlink (FedEx-LoRA's residual travels the same way);
+# Fed-SB: the server's gradient init and r x r uploads; LoRA-FAIR: a server-side solver; RoLoRA: uploads that change
+# with the round; FedSA-LoRA: each client's own B kept across rounds in the node's context.state.
+RAY_METHODS = ["fedit", "flora", "fed_sb", "lora_fair", "rolora", "fedsa_lora"]
 
 
 @pytest.mark.parametrize("method", RAY_METHODS)
