@@ -292,6 +292,34 @@ def test_readme_deployment_tls_node_auth_own_data(tmp_path):
                                 cwd=server, capture_output=True, text=True, timeout=60)
         ids = {int(x) for x in re.findall(r'"node-id":\s*"?(\d+)', listed.stdout)}
         assert ids == {int(v) for v in registered.values()}, listed.stdout  # the rogue key never got a node id
+
+        # 6. A second run on the two SuperNodes left: FedSA-LoRA, whose B never leaves a node. Every message runs in
+        # a fresh ClientApp process, so B lives in the node's context.state between rounds and in its state file on
+        # the node; the server's B stays the initial zero. (Its personalised evaluation runs in-process:
+        # tests/test_aggregation_fedsa_lora.py; here it would double the run's fresh processes.)
+        sa_out, sa_state = tmp_path / "fedsa-out", tmp_path / "fedsa-state"
+        sa_run = {**RUN, "method.name": "fedsa_lora", "min-nodes": NODES - 1,
+                  "method.fedsa-state-dir": str(sa_state), "output-dir": str(sa_out)}
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in sa_run.items())
+        sa_log = (tmp_path / "logs" / "flwr-run-fedsa.log").open("wb")
+        procs.started["flwr-run-fedsa"] = subprocess.Popen(
+            ["bash", "-c", f"exec {run_cmd} --run-config '{overrides}'"], cwd=ROOT, env=env, stdout=sa_log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        assert procs.started["flwr-run-fedsa"].wait(360) == 0, procs.log("flwr-run-fedsa")[-4000:]
+        rows = [json.loads(x) for x in (sa_out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2], procs.log("flwr-run-fedsa")[-3000:]
+        assert all(r["clients_aggregated"] == NODES - 1 for r in rows[1:]), rows
+        final, _, _ = load_checkpoint(sa_out)
+        roles = {k: naming.split(k)[1] for k in final if naming.split(k)}
+        assert {k for k, r in roles.items() if r == "B"} and all(
+            not final[k].any() for k, r in roles.items() if r == "B")
+        files = sorted(sa_state.glob("personal-partition-*.safetensors"))
+        assert len(files) == NODES - 1, files
+        from safetensors.torch import load_file
+
+        for f in files:
+            kept = load_file(str(f))
+            assert kept and all(naming.split(k)[1] == "B" for k in kept) and any(t.any() for t in kept.values()), f
     finally:
         left = procs.stop_all()
     assert not left, f"processes outlived the test: {left}"
