@@ -1,4 +1,4 @@
-"""The real Flower runtime: ray simulation for every method, and `flwr run .` with the pyproject app."""
+"""The real Flower runtime: ray simulation for one method of each kind, and `flwr run .` with the pyproject app."""
 
 from __future__ import annotations
 
