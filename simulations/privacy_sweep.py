@@ -161,7 +161,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, mode: str = "sample") -> None:
     """Final accuracy (mean over the seeds, error bars +- one std) vs epsilon on a log axis, each method nudged
     sideways; the no-DP point sits one step right of the largest epsilon."""
     import matplotlib
@@ -190,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axvline(math.sqrt(finite[-1] * no_dp), color="grey", linestyle=":", linewidth=1)
     seeded = any(r["n"] > 1 for r in rows)
     ax.set(xlabel="target epsilon (log scale)", ylabel="final test accuracy" + (" (mean +- std)" if seeded else ""),
-           title="fedlora: accuracy vs privacy")
+           title="fedlora: accuracy vs privacy (" + ("DP-SGD" if mode == "sample" else "client-level DP-FedAvg") + ")")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     (root / "sweep.md").write_text(md + "\n")
     write_csv(rows, root / "sweep.csv", COLUMNS)
     write_csv(means, root / "sweep-mean.csv", MEAN_COLUMNS)
-    plot(means, root / "sweep.png")
+    plot(means, root / "sweep.png", mode)
     print(f"sweep: {len(cells)} cells x {len(seeds.values)} seed(s) -> {root}/sweep.{{md,csv,png}}, "
           f"{root}/sweep-mean.csv")
     return 0
