@@ -76,8 +76,8 @@ DEFAULT_PRESET = {"rounds": 3, "num_clients": 4, "overrides": {}}
 # ``--mode client`` (DP-FedAvg): the noise on the server's mean of m clipped updates has norm z S sqrt(d) / m, and at a
 # fixed budget z grows with the sampling rate m / N, so only many clients make it small (docs/privacy.md "Client-level
 # DP at scale"). MiniLM: 1000 clients of about 11 paragraphs each, 100 of them a round, the DP-SGD preset's adapters
-# over the cached frozen layers (d = 14.6k), clip S near the median update norm of 3 local AdamW steps (9.3 at
-# lr 5e-2, measured), so that clipping keeps the updates' size and the noise is what the budget costs.
+# over the cached frozen layers (d = 14.6k), clip S near the median update norm of 3 local AdamW steps (about 9
+# at lr 5e-2, measured), so that clipping keeps the updates' size and the noise is what the budget costs.
 CLIENT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"rounds": 3, "num_clients": 20, "overrides": {
         "train.local-steps": 5, "model.max-length": 32, "data.max-eval-examples": 200, "fraction-train": 0.5,
@@ -219,7 +219,6 @@ def run(args: argparse.Namespace) -> int:
     mode = dp_mode(args)
     presets = PRESETS if mode == "sample" else CLIENT_PRESETS
     model, rounds, num_clients, base = preset_base(args, presets, DEFAULT_PRESET, {"privacy.mode": mode})
-    base["privacy.mode"] = mode
     epsilons = parse_epsilons(args.epsilons)
     seeds = resolve_seeds(args.seeds, presets.get(model, DEFAULT_PRESET), base)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
