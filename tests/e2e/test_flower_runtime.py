@@ -1,4 +1,4 @@
-"""The real Flower runtime: ray simulation for one method of each kind, and `flwr run .` with the pyproject app."""
+"""The real Flower runtime: ray simulation for the methods whose clients depend on it, and `flwr run .`."""
 
 from __future__ import annotations
 
