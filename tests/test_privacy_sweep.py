@@ -186,7 +186,7 @@ def test_client_mode_runs_dp_fedavg_cells_with_the_client_presets(tmp_path, caps
     rounds = [json.loads(line) for line in (out / "fedit-eps8" / "metrics.jsonl").read_text().splitlines()][1:]
     assert rounds and all(r["clip"] == dp["privacy.clip"] and r["update_norm_median"] > 0 for r in rounds)
     assert all(r["clients_aggregated"] == 1 for r in rounds)  # 2 clients, fraction-train 0.5
-    # The mode is one thing: --mode and --set privacy.mode must agree, and 'none' is the inf cell, not a mode.
+    # The mode is one thing: --mode and --set privacy.mode must agree ('none' is refused: test_bad_epsilons_fail_...).
     capsys.readouterr()
     assert sweep(tmp_path / "bad", "8", "--mode", "client", "--set", "privacy.mode=sample") == 2
     assert "--mode client and --set privacy.mode=sample disagree" in capsys.readouterr().err
