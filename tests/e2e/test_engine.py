@@ -239,7 +239,9 @@ def _superlink_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("fedlora-superlink-*")}
 
 
-def _fedlora(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _fedlora(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``fedlora`` in a subprocess; ``timeout`` guards against a hang only (a 1-round tiny run takes about 60 s
+    alone and twice that on a loaded 2-core machine): speed is measured in benchmarks, not asserted here."""
     return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -257,7 +259,6 @@ def no_leftovers():
 @pytest.mark.slow
 def test_run_through_local_superlink_exits_zero_and_cleans_up(tmp_path, no_leftovers):
     out = tmp_path / "run"
-    t0 = time.monotonic()
     proc = _fedlora("run", "--model", "tiny", "--num-clients", "2", "--rounds", "1", "--output", str(out), *QUICK)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
@@ -273,7 +274,6 @@ def test_run_through_local_superlink_exits_zero_and_cleans_up(tmp_path, no_lefto
     for name in ("summary.json", "metrics.png", "adapter"):
         assert (out / name).exists(), name
     assert "round   1 |" in proc.stdout
-    assert time.monotonic() - t0 < 90
 
 
 @pytest.mark.slow
