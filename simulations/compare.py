@@ -199,6 +199,15 @@ def per_round(runs: list[list[dict]]) -> tuple[list[int], list[float], list[floa
     return (rounds, [mean_std(total[r])[0] for r in rounds], [m for m, _ in stats], [s or 0.0 for _, s in stats])
 
 
+def line_styles(n: int) -> list[dict[str, str]]:
+    """``n`` distinct (colour, line style, marker) keyword sets: matplotlib's 10-colour cycle repeats, so past 10
+    lines (a full compare has 12 and more) the line style and marker change too and no two methods look alike."""
+    colours = [f"C{i}" for i in range(10)]
+    dashes, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    return [{"color": colours[i % 10], "linestyle": dashes[(i // 10) % 4], "marker": markers[(i // 10) % 4]}
+            for i in range(n)]
+
+
 def plot(histories: dict[str, list[list[dict]]], path: Path, title: str) -> None:
     """Accuracy vs round (left) and vs cumulative train bytes, down + up, on a log axis (right): the mean over
     the seeds, with a band of +- one std where there is more than one."""
@@ -210,14 +219,14 @@ def plot(histories: dict[str, list[list[dict]]], path: Path, title: str) -> None
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, runs in histories.items():
+    for (method, runs), style in zip(histories.items(), line_styles(len(histories)), strict=True):
         rounds, cum, acc, std = (np.asarray(v, dtype=float) for v in per_round(runs))
-        (line,) = ax1.plot(rounds, acc, marker="o", label=method if len(runs) == 1 else f"{method} (n={len(runs)})")
+        ax1.plot(rounds, acc, **style, label=method if len(runs) == 1 else f"{method} (n={len(runs)})")
         trained = rounds > 0
-        ax2.plot(cum[trained], acc[trained], marker="o", color=line.get_color())
+        ax2.plot(cum[trained], acc[trained], **style)
         if len(runs) > 1:
-            ax1.fill_between(rounds, acc - std, acc + std, color=line.get_color(), alpha=0.15, linewidth=0)
-            ax2.fill_between(cum[trained], (acc - std)[trained], (acc + std)[trained], color=line.get_color(),
+            ax1.fill_between(rounds, acc - std, acc + std, color=style["color"], alpha=0.15, linewidth=0)
+            ax2.fill_between(cum[trained], (acc - std)[trained], (acc + std)[trained], color=style["color"],
                              alpha=0.15, linewidth=0)
     seeded = any(len(runs) > 1 for runs in histories.values())
     ax1.set(xlabel="round", ylabel="test accuracy" + (" (mean, band = +- 1 std)" if seeded else ""), title=title)

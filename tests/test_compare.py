@@ -119,6 +119,15 @@ def test_outputs_written(compared):
         assert mean["final_accuracy_std"] == ""
 
 
+@pytest.mark.parametrize("n", [1, 10, 13, 40])
+def test_every_plotted_method_gets_its_own_line_style(n):
+    """matplotlib's colour cycle has 10 colours: with 12 entries FedIT and FedIT + AvgM were the same blue line."""
+    styles = [tuple(sorted(s.items())) for s in compare.line_styles(n)]
+    assert len(set(styles)) == n
+    first = compare.line_styles(n)[:10]  # the first ten as before: colours C0..C9, solid lines, round markers
+    assert first == [{"color": f"C{i}", "linestyle": "-", "marker": "o"} for i in range(len(first))]
+
+
 def test_second_call_reuses_finished_methods(compared, capsys):
     stamps = {m: (compared / m / "summary.json").stat().st_mtime_ns for m in METHODS}
     assert run_compare(compared) == 0
