@@ -201,10 +201,9 @@ def per_round(runs: list[list[dict]]) -> tuple[list[int], list[float], list[floa
 
 def line_styles(n: int) -> list[dict[str, str]]:
     """``n`` distinct (colour, line style, marker) keyword sets: matplotlib's 10-colour cycle repeats, so past 10
-    lines (a full compare has 12 and more) the line style and marker change too and no two methods look alike."""
-    colours = [f"C{i}" for i in range(10)]
+    lines (a full compare has 12 and more) the line style changes every 10 and the marker every 40: 160 distinct."""
     dashes, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
-    return [{"color": colours[i % 10], "linestyle": dashes[(i // 10) % 4], "marker": markers[(i // 10) % 4]}
+    return [{"color": f"C{i % 10}", "linestyle": dashes[(i // 10) % 4], "marker": markers[(i // 40) % 4]}
             for i in range(n)]
 
 

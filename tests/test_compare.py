@@ -119,7 +119,7 @@ def test_outputs_written(compared):
         assert mean["final_accuracy_std"] == ""
 
 
-@pytest.mark.parametrize("n", [1, 10, 13, 40])
+@pytest.mark.parametrize("n", [1, 10, 13, 41, 160])
 def test_every_plotted_method_gets_its_own_line_style(n):
     """matplotlib's colour cycle has 10 colours: with 12 entries FedIT and FedIT + AvgM were the same blue line."""
     styles = [tuple(sorted(s.items())) for s in compare.line_styles(n)]
